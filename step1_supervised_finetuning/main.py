@@ -1,0 +1,149 @@
+"""Stage 1: supervised fine-tuning of a causal LM on prompt + chosen answer.
+
+    deepspeed main.py --model_name_or_path /models/opt-1.3b --data_path /data/Dahoas/rm-static \
+        --output_dir ./output --zero_stage 2
+"""
+import math
+import os
+import sys
+import time
+
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from transformers import AutoModelForCausalLM, default_data_collator  # noqa: E402
+
+from utils import arguments  # noqa: E402
+from utils.data.data_utils import create_prompt_dataset  # noqa: E402
+from utils.ds_utils import get_train_ds_config, set_batch_sizes  # noqa: E402
+from utils.model.model_utils import (check_tokenizer_contract, count_parameters,  # noqa: E402
+                                     create_hf_model, load_hf_tokenizer, save_hf_format)
+from utils.module.lora import (convert_linear_layer_to_lora,  # noqa: E402
+                               make_model_gradient_checkpointing_compatible,
+                               only_optimize_lora_parameters)
+from utils.perf import throughput_line, training_passes  # noqa: E402
+from utils.training import (MetricsLog, evaluate_perplexity, init_train_engine,  # noqa: E402
+                            interval, make_loader, progress, set_loader_epoch)
+from utils.utils import (init_distributed, print_rank_0, save_args, save_code,  # noqa: E402
+                         set_random_seed, barrier)
+
+
+def parse_args(argv=None):
+    parser = arguments.new_parser("Stage 1: supervised fine-tuning (SFT)")
+    arguments.add_data_args(parser, sft_only=True)
+    parser.add_argument("--model_name_or_path", type=str, required=True,
+                        help="A local Hugging Face model directory (config, weights, tokenizer).")
+    parser.add_argument("--per_device_train_batch_size", type=int, default=16)
+    parser.add_argument("--per_device_eval_batch_size", type=int, default=16)
+    parser.add_argument("--max_seq_len", type=int, default=512)
+    arguments.add_optimization_args(parser, learning_rate=1e-3)
+    arguments.add_runtime_args(parser, seed=2023)
+    arguments.add_zero_args(parser)
+    arguments.add_lora_args(parser)
+    arguments.add_logging_args(parser, tensorboard_path="step1_tensorboard")
+    parser.add_argument("--evals_per_epoch", type=int, default=10,
+                        help="Perplexity evaluations (and saves) per epoch; the original's 10.")
+    return arguments.finish(parser, argv)
+
+
+def build_model(args, tokenizer, ds_config):
+    model = create_hf_model(AutoModelForCausalLM, args.model_name_or_path, tokenizer, ds_config,
+                            disable_dropout=args.disable_dropout)
+    check_tokenizer_contract(tokenizer, model.config)
+    if args.lora_dim > 0:
+        convert_linear_layer_to_lora(model, args.lora_module_name, args.lora_dim)
+        if args.only_optimize_lora:
+            only_optimize_lora_parameters(model)
+            make_model_gradient_checkpointing_compatible(model)
+    return model
+
+
+def main():
+    args = parse_args()
+    args.tensorboard_path = args.output_dir
+    device, args.global_rank, world_size = init_distributed(args.local_rank)
+    ds_config = get_train_ds_config(offload=args.offload, stage=args.zero_stage,
+                                    enable_tensorboard=args.enable_tensorboard, bf16=args.bf16,
+                                    tb_path=args.tensorboard_path, tb_name="")
+    set_batch_sizes(ds_config, args.per_device_train_batch_size, world_size,
+                    args.gradient_accumulation_steps)
+    set_random_seed(args.seed)
+    barrier()
+    if args.global_rank == 0:
+        save_args(args, args.output_dir)
+        save_code(args.output_dir)
+
+    tokenizer = load_hf_tokenizer(args.model_name_or_path)
+    model = build_model(args, tokenizer, ds_config)
+    train_data, eval_data = create_prompt_dataset(
+        args.local_rank, args.data_path, args.data_split, args.data_output_path, 1,
+        args.data_seed, tokenizer, args.max_seq_len, end_of_conversation_token=tokenizer.eos_token,
+        sft_only_data_path=args.sft_only_data_path)
+    distributed = world_size > 1
+    train_loader = make_loader(train_data, args.per_device_train_batch_size, default_data_collator,
+                               shuffle=True, distributed=distributed, seed=args.seed)
+    eval_loader = make_loader(eval_data, args.per_device_eval_batch_size, default_data_collator,
+                              shuffle=False, distributed=distributed)
+
+    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    model = init_train_engine(model, args, ds_config, args.learning_rate, args.weight_decay,
+                              args.lora_learning_rate, args.num_train_epochs * steps_per_epoch,
+                              args.lr_scheduler_type, args.num_warmup_steps)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    metrics = MetricsLog(args.output_dir, args.enable_tensorboard)
+
+    print_rank_0("***** Running training *****")
+    print_rank_0(f"***** Evaluating perplexity, Epoch 1/{args.num_train_epochs} *****")
+    ppl, eval_loss = evaluate_perplexity(model, eval_loader, device)
+    print_rank_0(f"ppl: {ppl}, loss: {eval_loss}")
+    metrics.log(0, **{"Test/ppl": ppl, "Test/loss": eval_loss, "epoch": 0})
+
+    passes = training_passes(args.gradient_checkpointing, args.lora_dim,
+                             model.module.config.hidden_size)
+    num_params = count_parameters(model)
+    global_batch = args.per_device_train_batch_size * world_size
+    eval_every = interval(len(train_loader), args.evals_per_epoch)
+    for epoch in range(args.num_train_epochs):
+        print_rank_0(f"Beginning of Epoch {epoch + 1}/{args.num_train_epochs}, "
+                     f"Total Micro Batches {len(train_loader)}")
+        set_loader_epoch(train_loader, epoch)
+        model.train()
+        bar = progress(train_loader, f"sft epoch {epoch + 1}/{args.num_train_epochs}")
+        for step, batch in enumerate(bar):
+            start = time.time()
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss = model(**batch, use_cache=False).loss
+            if args.print_loss:
+                print(f"Epoch: {epoch + 1}, Step: {step}, Rank: {args.global_rank}, "
+                      f"loss = {loss.item()}", flush=True)
+            model.backward(loss)
+            model.step()
+            seconds = time.time() - start
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            metrics.log(model.global_steps, **{"Train/loss": loss.item(),
+                                               "Train/lr": model.get_lr()[0], "epoch": epoch + 1})
+            if args.global_rank == 0 and args.print_loss:
+                print(throughput_line(model.module.config, num_params, seconds, global_batch,
+                                      args.max_seq_len, passes, world_size), flush=True)
+            if (step + 1) % eval_every == 0 and step + 1 < len(train_loader):
+                print_rank_0(f"***** Evaluating perplexity, Epoch {epoch + 1}/"
+                             f"{args.num_train_epochs} Step: {step} *****")
+                ppl, eval_loss = evaluate_perplexity(model, eval_loader, device)
+                print_rank_0(f"ppl: {ppl}, loss: {eval_loss}")
+                metrics.log(model.global_steps, **{"Test/ppl": ppl, "Test/loss": eval_loss,
+                                                   "epoch": epoch + 1})
+                save_hf_format(model, tokenizer, args.output_dir, rank=args.global_rank)
+        print_rank_0(f"***** Evaluating perplexity, Epoch {epoch + 1}/{args.num_train_epochs} *****")
+        ppl, eval_loss = evaluate_perplexity(model, eval_loader, device)
+        print_rank_0(f"ppl: {ppl}, loss: {eval_loss}")
+        metrics.log(model.global_steps, **{"Test/ppl": ppl, "Test/loss": eval_loss,
+                                           "epoch": epoch + 1})
+
+    print_rank_0("saving the final model ...")
+    save_hf_format(model, tokenizer, args.output_dir, rank=args.global_rank)
+    metrics.close()
+    print_rank_0(f"saved the model to {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()

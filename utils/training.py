@@ -1,0 +1,145 @@
+"""DeepSpeed plumbing shared by the stages: engines, evaluation loops, loaders, metric logs."""
+import json
+import math
+import os
+
+import torch
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data.distributed import DistributedSampler
+
+from utils.utils import all_reduce_sum, get_rank, print_rank_0
+
+_precision_logged = False
+
+
+def log_precision_once(ds_config):
+    global _precision_logged
+    if _precision_logged:
+        return
+    _precision_logged = True
+    if ds_config.get("bf16", {}).get("enabled"):
+        precision = "bf16"
+    elif ds_config.get("fp16", {}).get("enabled"):
+        precision = "fp16 (dynamic loss scaling)"
+    else:
+        precision = "fp32 (this accelerator cannot train in fp16; pass --bf16 for bf16)"
+    print_rank_0(f"[precision] training in {precision}")
+
+
+def make_loader(dataset, batch_size, collate_fn, shuffle, distributed, seed=0, drop_last=False):
+    """A loader over this rank's shard. Distributed loaders shard with a seeded sampler; call
+    `set_epoch` on it (the original never did, so every epoch had the same order)."""
+    if distributed:
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    elif shuffle:
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+    else:
+        sampler = SequentialSampler(dataset)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
+                      drop_last=drop_last)
+
+
+def set_loader_epoch(loader, epoch):
+    if isinstance(getattr(loader, "sampler", None), DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+
+
+def init_train_engine(model, args, ds_config, learning_rate, weight_decay, lora_learning_rate,
+                      total_steps, lr_scheduler_type, num_warmup_steps):
+    """DeepSpeed engine with AdamW (betas 0.9/0.95), the three parameter groups and the schedule."""
+    import deepspeed
+
+    from utils.optim import create_lr_scheduler, create_optimizer, get_optimizer_grouped_parameters
+
+    groups = get_optimizer_grouped_parameters(model, weight_decay, lora_learning_rate)
+    offload = ds_config["zero_optimization"]["offload_optimizer"]["device"] != "none"
+    optimizer = create_optimizer(groups, learning_rate, offload)
+    scheduler = create_lr_scheduler(optimizer, lr_scheduler_type, num_warmup_steps, total_steps)
+    log_precision_once(ds_config)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, args=args,
+                                      config=ds_config, lr_scheduler=scheduler,
+                                      dist_init_required=True)
+    return engine
+
+
+def init_eval_engine(model, ds_config):
+    """A frozen model as a DeepSpeed inference-only engine (no optimizer)."""
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine.eval()
+    return engine
+
+
+@torch.no_grad()
+def evaluate_perplexity(model, loader, device, max_batches=None):
+    """exp(mean token loss) over the eval loader, reduced over all ranks.
+
+    The original averaged per-batch losses per rank, then averaged the per-rank perplexities; we
+    average the batch losses over every batch of every rank, then exponentiate.
+    """
+    from utils.utils import to_device
+
+    was_training = model.training
+    model.eval()
+    loss_sum, batches = 0.0, 0
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch = to_device(batch, device)
+        loss_sum += model(**batch, use_cache=False).loss.float().item()
+        batches += 1
+    loss_sum, batches = all_reduce_sum([loss_sum, batches])
+    if was_training:
+        model.train()
+    mean_loss = loss_sum / max(batches, 1)
+    try:
+        return math.exp(mean_loss), mean_loss
+    except OverflowError:
+        return float("inf"), mean_loss
+
+
+class MetricsLog:
+    """Rank-0 metric sink: `<output_dir>/metrics.jsonl` always, tensorboard when enabled."""
+
+    def __init__(self, output_dir, enable_tensorboard=False, tensorboard_dir=None):
+        self.rank0 = get_rank() == 0
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.writer = None
+        if self.rank0 and enable_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(tensorboard_dir or output_dir)
+
+    def log(self, step, **scalars):
+        if not self.rank0:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **scalars}) + "\n")
+        if self.writer is not None:
+            for tag, value in scalars.items():
+                if isinstance(value, (int, float)) and "/" in tag:
+                    self.writer.add_scalar(tag, value, step)
+            self.writer.flush()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(output_dir):
+    """The records of `<output_dir>/metrics.jsonl` (for tests, the demo report and benchmarks)."""
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def progress(iterable, desc, total=None):
+    """A progress bar on rank 0 only."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, disable=get_rank() != 0, dynamic_ncols=True)
+
+
+def interval(num_batches, times_per_epoch):
+    """Steps between evaluations; at least 1 (the original divided by zero on small datasets)."""
+    return max(1, num_batches // times_per_epoch)
