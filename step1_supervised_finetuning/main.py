@@ -6,7 +6,6 @@
 import math
 import os
 import sys
-import time
 
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -22,7 +21,7 @@ from utils.module.lora import (convert_linear_layer_to_lora,  # noqa: E402
                                only_optimize_lora_parameters)
 from utils.perf import throughput_line, training_passes  # noqa: E402
 from utils.training import (MetricsLog, evaluate_perplexity, init_train_engine,  # noqa: E402
-                            interval, make_loader, progress, set_loader_epoch)
+                            make_loader, train_supervised)
 from utils.utils import (init_distributed, print_rank_0, save_args, save_code,  # noqa: E402
                          set_random_seed, barrier)
 
@@ -92,55 +91,23 @@ def main():
         model.gradient_checkpointing_enable()
     metrics = MetricsLog(args.output_dir, args.enable_tensorboard)
 
-    print_rank_0("***** Running training *****")
-    print_rank_0(f"***** Evaluating perplexity, Epoch 1/{args.num_train_epochs} *****")
-    ppl, eval_loss = evaluate_perplexity(model, eval_loader, device)
-    print_rank_0(f"ppl: {ppl}, loss: {eval_loss}")
-    metrics.log(0, **{"Test/ppl": ppl, "Test/loss": eval_loss, "epoch": 0})
+    def evaluate():
+        ppl, loss = evaluate_perplexity(model, eval_loader, device)
+        print_rank_0(f"ppl: {ppl}, loss: {loss}")
+        return {"Test/ppl": ppl, "Test/loss": loss}
 
     passes = training_passes(args.gradient_checkpointing, args.lora_dim,
                              model.module.config.hidden_size)
     num_params = count_parameters(model)
-    global_batch = args.per_device_train_batch_size * world_size
-    eval_every = interval(len(train_loader), args.evals_per_epoch)
-    for epoch in range(args.num_train_epochs):
-        print_rank_0(f"Beginning of Epoch {epoch + 1}/{args.num_train_epochs}, "
-                     f"Total Micro Batches {len(train_loader)}")
-        set_loader_epoch(train_loader, epoch)
-        model.train()
-        bar = progress(train_loader, f"sft epoch {epoch + 1}/{args.num_train_epochs}")
-        for step, batch in enumerate(bar):
-            start = time.time()
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = model(**batch, use_cache=False).loss
-            if args.print_loss:
-                print(f"Epoch: {epoch + 1}, Step: {step}, Rank: {args.global_rank}, "
-                      f"loss = {loss.item()}", flush=True)
-            model.backward(loss)
-            model.step()
-            seconds = time.time() - start
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            metrics.log(model.global_steps, **{"Train/loss": loss.item(),
-                                               "Train/lr": model.get_lr()[0], "epoch": epoch + 1})
-            if args.global_rank == 0 and args.print_loss:
-                print(throughput_line(model.module.config, num_params, seconds, global_batch,
-                                      args.max_seq_len, passes, world_size), flush=True)
-            if (step + 1) % eval_every == 0 and step + 1 < len(train_loader):
-                print_rank_0(f"***** Evaluating perplexity, Epoch {epoch + 1}/"
-                             f"{args.num_train_epochs} Step: {step} *****")
-                ppl, eval_loss = evaluate_perplexity(model, eval_loader, device)
-                print_rank_0(f"ppl: {ppl}, loss: {eval_loss}")
-                metrics.log(model.global_steps, **{"Test/ppl": ppl, "Test/loss": eval_loss,
-                                                   "epoch": epoch + 1})
-                save_hf_format(model, tokenizer, args.output_dir, rank=args.global_rank)
-        print_rank_0(f"***** Evaluating perplexity, Epoch {epoch + 1}/{args.num_train_epochs} *****")
-        ppl, eval_loss = evaluate_perplexity(model, eval_loader, device)
-        print_rank_0(f"ppl: {ppl}, loss: {eval_loss}")
-        metrics.log(model.global_steps, **{"Test/ppl": ppl, "Test/loss": eval_loss,
-                                           "epoch": epoch + 1})
-
-    print_rank_0("saving the final model ...")
-    save_hf_format(model, tokenizer, args.output_dir, rank=args.global_rank)
+    train_supervised(
+        model, train_loader, args, device,
+        compute_loss=lambda engine, batch: engine(**batch, use_cache=False).loss,
+        evaluate=evaluate,
+        save=lambda: save_hf_format(model, tokenizer, args.output_dir),
+        metrics=metrics, stage_name="perplexity",
+        throughput=lambda seconds: throughput_line(
+            model.module.config, num_params, seconds, args.per_device_train_batch_size * world_size,
+            args.max_seq_len, passes, world_size))
     metrics.close()
     print_rank_0(f"saved the model to {args.output_dir}")
 

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import time
 
 import torch
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
@@ -143,3 +144,77 @@ def progress(iterable, desc, total=None):
 def interval(num_batches, times_per_epoch):
     """Steps between evaluations; at least 1 (the original divided by zero on small datasets)."""
     return max(1, num_batches // times_per_epoch)
+
+
+@torch.no_grad()
+def evaluate_reward(model, loader, device, max_batches=100):
+    """Pairwise accuracy (chosen end score > rejected), mean chosen and mean rejected score.
+
+    Each rank scores its shard; sums are all-reduced, so every rank gets the same numbers (the
+    original evaluated the same batches on every rank and averaged per-rank ratios).
+    """
+    from utils.utils import to_device
+
+    was_training = model.training
+    model.eval()
+    correct = total = chosen_sum = rejected_sum = 0.0
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        out = model(**to_device(batch, device))
+        chosen, rejected = out["chosen_mean_scores"].float(), out["rejected_mean_scores"].float()
+        correct += (chosen > rejected).sum().item()
+        total += chosen.numel()
+        chosen_sum += chosen.sum().item()
+        rejected_sum += rejected.sum().item()
+    correct, total, chosen_sum, rejected_sum = all_reduce_sum([correct, total, chosen_sum,
+                                                               rejected_sum])
+    if was_training:
+        model.train()
+    total = max(total, 1.0)
+    return {"acc": correct / total, "chosen_score": chosen_sum / total,
+            "rejected_score": rejected_sum / total}
+
+
+def train_supervised(model, train_loader, args, device, compute_loss, evaluate, save, metrics,
+                     stage_name, throughput=None):
+    """The stage 1/2 loop: epochs of forward, backward, step; `evaluate()` (returning a dict of
+    scalars, already printed) before training, `args.evals_per_epoch` times per epoch (then `save()`,
+    as the original did) and at each epoch's end; `save()` at the end.
+
+    `compute_loss(model, batch) -> loss`; `throughput(seconds) -> str` for `--print_loss` runs.
+    """
+    epochs = args.num_train_epochs
+    print_rank_0("***** Running training *****")
+    print_rank_0(f"***** Evaluating {stage_name}, Epoch 1/{epochs} *****")
+    metrics.log(0, epoch=0, **evaluate())
+    eval_every = interval(len(train_loader), args.evals_per_epoch)
+    for epoch in range(epochs):
+        print_rank_0(f"Beginning of Epoch {epoch + 1}/{epochs}, "
+                     f"Total Micro Batches {len(train_loader)}")
+        set_loader_epoch(train_loader, epoch)
+        model.train()
+        bar = progress(train_loader, f"{stage_name} epoch {epoch + 1}/{epochs}")
+        for step, batch in enumerate(bar):
+            start = time.time()
+            loss = compute_loss(model, {k: v.to(device) for k, v in batch.items()})
+            if args.print_loss:
+                print(f"Epoch: {epoch + 1}, Step: {step}, Rank: {args.global_rank}, "
+                      f"loss = {loss.item()}", flush=True)
+            model.backward(loss)
+            model.step()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            metrics.log(model.global_steps, epoch=epoch + 1,
+                        **{"Train/loss": loss.item(), "Train/lr": model.get_lr()[0]})
+            if args.print_loss and throughput is not None:
+                print_rank_0(throughput(time.time() - start))
+            if (step + 1) % eval_every == 0 and step + 1 < len(train_loader):
+                print_rank_0(f"***** Evaluating {stage_name}, Epoch {epoch + 1}/{epochs} "
+                             f"Step {step + 1}/{len(train_loader)} *****")
+                metrics.log(model.global_steps, epoch=epoch + 1, **evaluate())
+                model.train()
+                save()
+        print_rank_0(f"***** Evaluating {stage_name}, end of Epoch {epoch + 1}/{epochs} *****")
+        metrics.log(model.global_steps, epoch=epoch + 1, **evaluate())
+    print_rank_0("saving the final model ...")
+    save()

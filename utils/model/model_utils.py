@@ -7,11 +7,12 @@ your own); we read the tokenizer files of the model directory itself.
 import json
 import math
 import os
+import time
 
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from utils.utils import get_rank
+from utils.utils import get_rank, print_rank_0
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -176,3 +177,79 @@ def count_parameters(model):
 def read_json(path):
     with open(path) as f:
         return json.load(f)
+
+
+# ----------------------------------------------------------------------------- reward models
+
+def create_critic_model(model_name_or_path, tokenizer, ds_config=None, num_padding_at_beginning=0,
+                        rlhf_training=False, disable_dropout=False):
+    """A RewardModel (headless decoder + value head).
+
+    `rlhf_training=False` (stage 2): the backbone comes from a causal-LM or base checkpoint and the
+    head is fresh. `rlhf_training=True` (stage 3, rw_eval): both come from a stage-2 checkpoint
+    directory, ours or the original's `pytorch_model.bin`; every key is checked (the original
+    silently ignored missing ones, so an untrained head could score a whole RLHF run).
+    """
+    from transformers import AutoModel
+
+    from utils.model.reward_model import (RewardModel, check_reward_state_dict_keys,
+                                          read_reward_checkpoint)
+
+    start = time.time()
+    if not rlhf_training:
+        backbone = create_hf_model(AutoModel, model_name_or_path, tokenizer, ds_config,
+                                   disable_dropout=disable_dropout)
+        check_tokenizer_contract(tokenizer, backbone.config, "reward model")
+        return RewardModel(backbone, tokenizer.pad_token_id, num_padding_at_beginning)
+    if not os.path.isdir(model_name_or_path):
+        raise FileNotFoundError(f"reward model directory {model_name_or_path} does not exist")
+    state, meta = read_reward_checkpoint(model_name_or_path)
+    if meta is not None and meta.get("num_padding_at_beginning") != num_padding_at_beginning:
+        print_rank_0(f"[reward] note: the checkpoint was trained with num_padding_at_beginning="
+                     f"{meta.get('num_padding_at_beginning')}, the flag says "
+                     f"{num_padding_at_beginning} (it only affects the pairwise loss)")
+    backbone = create_hf_model(AutoModel, model_name_or_path, tokenizer, ds_config,
+                               rlhf_training=True, disable_dropout=disable_dropout)
+    check_tokenizer_contract(tokenizer, backbone.config, "reward model")
+    model = RewardModel(backbone, tokenizer.pad_token_id, num_padding_at_beginning)
+    check_reward_state_dict_keys(model, state)
+    load_state_dict_into_model(model, state)
+    print_rank_0(f"[reward] loaded {model_name_or_path} ({len(state)} tensors) in "
+                 f"{time.time() - start:.1f}s")
+    return model
+
+
+@torch.no_grad()
+def load_state_dict_into_model(model, state_dict):
+    """Copy `state_dict` into `model`, ZeRO-3 aware: each module's own partitioned parameters are
+    gathered, filled on rank 0 and re-partitioned. Keys must have been checked by the caller."""
+    from utils.module.lora import gathered_parameters
+
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        own = [(n, p) for n, p in module.named_parameters(recurse=False) if prefix + n in state_dict]
+        with gathered_parameters([p for _, p in own], modifier_rank=0):
+            if get_rank() == 0 or not any(hasattr(p, "ds_id") for _, p in own):
+                for name, param in own:
+                    param.data.copy_(state_dict[prefix + name].to(param.dtype))
+        for name, buf in module.named_buffers(recurse=False):
+            if prefix + name in state_dict:
+                buf.copy_(state_dict[prefix + name].to(buf.dtype))
+
+
+def save_reward_model(model, tokenizer, output_dir, num_padding_at_beginning, rank=None):
+    """Save a reward model (engine or module) in our self-describing layout (see reward_model.py).
+    Every rank calls this under ZeRO-3; rank 0 writes."""
+    from utils.model.reward_model import save_reward_checkpoint
+
+    state = gather_state_dict(model, rank)
+    if state is None:
+        return None
+    module = unwrap(model)
+    os.makedirs(output_dir, exist_ok=True)
+    save_reward_checkpoint(output_dir, state, module.rwtranrsformer.config, tokenizer.pad_token_id,
+                           num_padding_at_beginning, tokenizer)
+    stale = os.path.join(output_dir, "pytorch_model.bin")
+    if os.path.exists(stale):  # an original-layout file would be read instead of ours otherwise
+        os.remove(stale)
+    return output_dir

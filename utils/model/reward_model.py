@@ -1,0 +1,277 @@
+"""Reward model: a headless decoder with a scalar value head (SPEC §4.2), and its checkpoint files.
+
+Scores are read at one token per sequence:
+* pairwise training (step 2) at the end token of each sequence, ``pairwise_end_index``;
+* scoring generated answers (step 3) at the first eos of the answer, ``answer_end_index``.
+pad == eos in every supported family, so "first pad id" means "first eos".
+
+Checkpoint layouts
+------------------
+Ours, a self-describing directory (written by ``save_reward_checkpoint``)::
+
+    <dir>/config.json              backbone config  } AutoModel.from_pretrained(<dir>) loads the
+    <dir>/model.safetensors        backbone weights } headless backbone; keys carry no prefix
+    <dir>/value_head.safetensors   {"v_head.weight": [1, d]}
+    <dir>/reward_model.json        {"format_version": 1, "num_padding_at_beginning": k, "pad_token_id": id}
+    <dir>/tokenizer files          (tokenizer.save_pretrained, when a tokenizer is given)
+
+The original's (step 2 of liziniu/ReMax), read by ``read_original_reward_checkpoint``::
+
+    <dir>/pytorch_model.bin        pickled state dict: "rwtranrsformer.<backbone key>" + "v_head.weight"
+
+In memory the wrapper keeps the original's state-dict keys (the attribute is literally ``rwtranrsformer``),
+so ``join_reward_state_dict`` turns our files into exactly what the original saved.
+Nothing here knows about DeepSpeed: under ZeRO-3 the caller gathers the parameters before saving and
+loads with its own gathering; atomic writes (temp dir + rename) are the caller's too.
+"""
+import json
+import os
+import re
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+BACKBONE_PREFIX = "rwtranrsformer."  # the original's typo; checkpoint keys depend on it
+VALUE_HEAD_KEY = "v_head.weight"
+BACKBONE_WEIGHTS_FILE = "model.safetensors"
+VALUE_HEAD_FILE = "value_head.safetensors"
+REWARD_CONFIG_FILE = "reward_model.json"
+ORIGINAL_CHECKPOINT_FILE = "pytorch_model.bin"
+FORMAT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------- end-score indices
+
+def pairwise_end_index(input_ids, pad_token_id, num_padding_at_beginning=0):
+    """Index of the token whose value is a sequence's score in pairwise training.
+
+    input_ids: [N, L] right-padded "prompt + answer + eos" rows. Returns a LongTensor [N]: the position of
+    the pad id number ``num_padding_at_beginning`` (0-based) of each row, else L-1 (truncated row).
+    OPT's leading BOS is ``</s>`` = the pad id, hence 1 for OPT and 0 for Llama.
+    """
+    seq_len = input_ids.shape[1]
+    is_pad = input_ids == pad_token_id
+    pads_so_far = is_pad.cumsum(dim=1)
+    wanted = is_pad & (pads_so_far == num_padding_at_beginning + 1)
+    positions = torch.arange(seq_len, device=input_ids.device)
+    return torch.where(wanted, positions, seq_len - 1).amin(dim=1)
+
+
+def answer_end_index(input_ids, pad_token_id, prompt_length):
+    """Index of the first eos of each answer (step-3 scoring).
+
+    input_ids: [B, L] = left-padded prompt of width ``prompt_length`` followed by the answer.
+    Returns a LongTensor [B]: the first position >= prompt_length holding the pad id (= eos), else L-1.
+    Pad ids inside the prompt (left padding, an eos in the prompt text) are never picked.
+    """
+    seq_len = input_ids.shape[1]
+    positions = torch.arange(seq_len, device=input_ids.device)
+    wanted = (input_ids == pad_token_id) & (positions >= prompt_length)
+    return torch.where(wanted, positions, seq_len - 1).amin(dim=1)
+
+
+# ----------------------------------------------------------------------------- the model
+
+class RewardModel(nn.Module):
+    """``v_head(backbone(input_ids).last_hidden_state)``: one scalar per token, [N, L].
+
+    base_model: a headless HF decoder (``AutoModel``: OPTModel, LlamaModel, ...).
+    pad_token_id: the tokenizer's pad id (== eos id; the caller checks the tokenizer contract).
+    """
+
+    def __init__(self, base_model, pad_token_id, num_padding_at_beginning=0):
+        super().__init__()
+        self.config = base_model.config
+        self.pad_token_id = pad_token_id
+        self.num_padding_at_beginning = num_padding_at_beginning
+        # OPT projects its last hidden state to word_embed_proj_dim (e.g. 512 vs 1024 for OPT-350m).
+        # Unlike the original we do not write config.n_embd onto the shared config.
+        head_dim = getattr(self.config, "word_embed_proj_dim", None) or self.config.hidden_size
+        self.v_head = nn.Linear(head_dim, 1, bias=False, dtype=getattr(base_model, "dtype", None))
+        self.rwtranrsformer = base_model
+
+    @property
+    def backbone(self):
+        return self.rwtranrsformer
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
+        # transformers 5 names it activation checkpointing; the old name only warns.
+        self.rwtranrsformer.activation_checkpointing_enable(
+            activation_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
+
+    def gradient_checkpointing_disable(self):
+        self.rwtranrsformer.activation_checkpointing_disable()
+
+    def enable_input_require_grads(self):
+        # The original wrapper lacked this, so LoRA + gradient checkpointing silently skipped it (SPEC §6).
+        self.rwtranrsformer.enable_input_require_grads()
+
+    def _token_values(self, input_ids, attention_mask, use_cache, **backbone_kwargs):
+        """[N, L] -> [N, L]. head_mask / position_ids are not passed (OPT derives positions from the mask)."""
+        outputs = self.rwtranrsformer(input_ids=input_ids, attention_mask=attention_mask,
+                                      use_cache=use_cache, **backbone_kwargs)
+        return self.v_head(outputs.last_hidden_state).squeeze(-1)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False, **backbone_kwargs):
+        """Pairwise loss. input_ids: [2B, L], rows 0..B-1 chosen, B..2B-1 rejected.
+
+        Returns {"loss": mean_i -log σ(s_c,i - s_r,i), "chosen_mean_scores": [B], "rejected_mean_scores": [B]}
+        (the original's names: these are end-token scores, not means).
+        """
+        if input_ids.shape[0] % 2:
+            raise ValueError(f"pairwise batch needs an even number of rows (chosen then rejected), "
+                             f"got {input_ids.shape[0]}")
+        values = self._token_values(input_ids, attention_mask, use_cache, **backbone_kwargs)
+        # Identical chosen/rejected rows get the same index on both sides, as the original's r_ind = c_ind.
+        # The original's divergence-index assert and truncated-reward slices were dead code (§13.2).
+        end = pairwise_end_index(input_ids, self.pad_token_id, self.num_padding_at_beginning)
+        end_scores = values.gather(1, end.unsqueeze(1)).squeeze(1)
+        pairs = input_ids.shape[0] // 2
+        chosen_scores, rejected_scores = end_scores[:pairs], end_scores[pairs:]
+        # float32 difference: the original subtracted in fp16/bf16 (PITFALLS 4).
+        loss = -F.logsigmoid(chosen_scores.float() - rejected_scores.float()).mean()
+        return {"loss": loss, "chosen_mean_scores": chosen_scores, "rejected_mean_scores": rejected_scores}
+
+    def forward_value(self, input_ids, attention_mask=None, return_value_only=False, prompt_length=0,
+                      use_cache=False, **backbone_kwargs):
+        """Per-token values [B, L]; unless ``return_value_only``, also the score at the answer's first eos.
+
+        input_ids: [B, L] = left-padded prompt of width ``prompt_length`` + answer.
+        Returns values, or {"values": [B, L], "chosen_end_scores": [B]}.
+        """
+        values = self._token_values(input_ids, attention_mask, use_cache, **backbone_kwargs)
+        if return_value_only:
+            return values
+        if prompt_length <= 1:
+            raise ValueError(f"prompt_length must be greater than 1 to select the end score, got {prompt_length}")
+        end = answer_end_index(input_ids, self.pad_token_id, prompt_length)
+        return {"values": values, "chosen_end_scores": values.gather(1, end.unsqueeze(1)).squeeze(1)}
+
+
+# ----------------------------------------------------------------------------- state dicts and files
+
+def split_reward_state_dict(state_dict):
+    """{"rwtranrsformer.<k>": t, "v_head.weight": t} -> ({"<k>": t}, {"v_head.weight": t})."""
+    backbone, head, unknown = {}, {}, []
+    for key, tensor in state_dict.items():
+        if key.startswith(BACKBONE_PREFIX):
+            backbone[key[len(BACKBONE_PREFIX):]] = tensor
+        elif key.startswith("v_head."):
+            head[key] = tensor
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"reward state dict has keys outside '{BACKBONE_PREFIX}*' and 'v_head.*': {sorted(unknown)}")
+    return backbone, head
+
+
+def join_reward_state_dict(backbone_state_dict, head_state_dict):
+    """Inverse of ``split_reward_state_dict``."""
+    joined = {BACKBONE_PREFIX + key: tensor for key, tensor in backbone_state_dict.items()}
+    joined.update(head_state_dict)
+    return joined
+
+
+def read_original_reward_checkpoint(path):
+    """State dict of the original's step-2 output: ``path`` is its directory or its pytorch_model.bin."""
+    if os.path.isdir(path):
+        path = os.path.join(path, ORIGINAL_CHECKPOINT_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no reward-model checkpoint at {path}")
+    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{path} does not hold a state dict (found {type(state_dict).__name__})")
+    return state_dict
+
+
+def save_reward_checkpoint(directory, state_dict, config, pad_token_id, num_padding_at_beginning,
+                           tokenizer=None):
+    """Write the reward model's full (already gathered, LoRA-free) state dict in our layout (module doc)."""
+    backbone, head = split_reward_state_dict(state_dict)
+    if VALUE_HEAD_KEY not in head:
+        raise ValueError(f"refusing to save a reward model without '{VALUE_HEAD_KEY}'")
+    os.makedirs(directory, exist_ok=True)
+    config.save_pretrained(directory)
+    save_file({k: t.contiguous() for k, t in backbone.items()},
+              os.path.join(directory, BACKBONE_WEIGHTS_FILE), metadata={"format": "pt"})
+    save_file({k: t.contiguous() for k, t in head.items()},
+              os.path.join(directory, VALUE_HEAD_FILE), metadata={"format": "pt"})
+    meta = {"format_version": FORMAT_VERSION, "num_padding_at_beginning": num_padding_at_beginning,
+            "pad_token_id": pad_token_id}
+    with open(os.path.join(directory, REWARD_CONFIG_FILE), "w") as f:
+        json.dump(meta, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def read_reward_checkpoint(directory):
+    """(state dict with the original's keys, reward_model.json dict or None for the original layout)."""
+    meta_path = os.path.join(directory, REWARD_CONFIG_FILE)
+    if not os.path.isfile(meta_path):
+        return read_original_reward_checkpoint(directory), None
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{meta_path}: unsupported format_version {meta.get('format_version')!r}")
+    backbone = load_file(os.path.join(directory, BACKBONE_WEIGHTS_FILE))
+    head = load_file(os.path.join(directory, VALUE_HEAD_FILE))
+    return join_reward_state_dict(backbone, head), meta
+
+
+def _tolerated_backbone_keys(backbone):
+    """Regexes (for unprefixed backbone keys) of keys HF's own loader forgives: (missing, unexpected).
+
+    The class's _keys_to_ignore_on_load_{missing,unexpected}, plus, as transformers does, the legacy
+    persistent ``rotary_emb.inv_freq`` / ``position_ids`` buffers when the model still has such buffers.
+    """
+    missing = set(getattr(backbone, "_keys_to_ignore_on_load_missing", None) or ())
+    unexpected = set(getattr(backbone, "_keys_to_ignore_on_load_unexpected", None) or ())
+    buffer_names = [name for name, _ in backbone.named_buffers()]
+    if any(name.endswith("rotary_emb.inv_freq") for name in buffer_names):
+        unexpected.add(r"rotary_emb\.inv_freq")
+    if any(name.endswith("position_ids") for name in buffer_names):
+        unexpected.add(r"(^|\.)position_ids$")
+    return missing, unexpected
+
+
+def check_reward_state_dict_keys(model, state_dict):
+    """Raise ValueError naming every missing, unexpected and wrong-shaped key (the original ignored them).
+
+    Forgiven: a missing key that is a tied alias of a parameter whose other name is present
+    (``named_parameters`` drops duplicates, as the original's ZeRO-3 save did), and backbone keys HF's
+    loader itself forgives (``_tolerated_backbone_keys``). ``v_head.weight`` is never forgiven.
+    Shapes compare against ``ds_shape`` for ZeRO-3-partitioned parameters.
+    After this passes, ``model.load_state_dict(state_dict, strict=False)`` loads every weight.
+    """
+    expected = model.state_dict(keep_vars=True)
+    ignore_missing, ignore_unexpected = _tolerated_backbone_keys(model.rwtranrsformer)
+
+    def forgiven(key, patterns):
+        return (key.startswith(BACKBONE_PREFIX)
+                and any(re.search(p, key[len(BACKBONE_PREFIX):]) for p in patterns))
+
+    aliases = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+    names_of = {name: names for names in aliases.values() for name in names}
+
+    missing = [k for k in expected if k not in state_dict
+               and not any(alias in state_dict for alias in names_of.get(k, ()))
+               and not forgiven(k, ignore_missing)]
+    unexpected = [k for k in state_dict if k not in expected and not forgiven(k, ignore_unexpected)]
+    wrong_shape = []
+    for key in state_dict.keys() & expected.keys():
+        want = tuple(getattr(expected[key], "ds_shape", expected[key].shape))
+        if tuple(state_dict[key].shape) != want:
+            wrong_shape.append(f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {want}")
+    if missing or unexpected or wrong_shape:
+        lines = ["reward-model checkpoint does not match the model:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {sorted(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {sorted(unexpected)}")
+        if wrong_shape:
+            lines.append(f"  wrong shapes: {sorted(wrong_shape)}")
+        raise ValueError("\n".join(lines))
