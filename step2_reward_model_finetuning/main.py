@@ -1,0 +1,126 @@
+"""Stage 2: reward model, a scalar head on a decoder trained on chosen/rejected pairs with
+-log sigmoid(r_chosen - r_rejected).
+
+    deepspeed main.py --model_name_or_path /models/opt-350m --data_path /data/Dahoas/rm-static \
+        --num_padding_at_beginning 1 --output_dir ./output --zero_stage 2
+"""
+import math
+import os
+import sys
+
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from utils import arguments  # noqa: E402
+from utils.data.data_utils import DataCollatorReward, create_prompt_dataset  # noqa: E402
+from utils.ds_utils import get_train_ds_config, set_batch_sizes  # noqa: E402
+from utils.model.model_utils import (count_parameters, create_critic_model,  # noqa: E402
+                                     load_hf_tokenizer, save_reward_model)
+from utils.module.lora import (convert_linear_layer_to_lora,  # noqa: E402
+                               make_model_gradient_checkpointing_compatible,
+                               only_optimize_lora_parameters)
+from utils.perf import throughput_line, training_passes  # noqa: E402
+from utils.training import (MetricsLog, evaluate_reward, init_train_engine,  # noqa: E402
+                            make_loader, train_supervised)
+from utils.utils import (barrier, init_distributed, print_rank_0, save_args,  # noqa: E402
+                         save_code, set_random_seed)
+
+
+def parse_args(argv=None):
+    parser = arguments.new_parser("Stage 2: reward model fine-tuning")
+    arguments.add_data_args(parser)
+    parser.add_argument("--model_name_or_path", type=str, required=True,
+                        help="A local Hugging Face model directory (config, weights, tokenizer).")
+    parser.add_argument("--num_padding_at_beginning", type=int, default=1,
+                        help="Pad-id tokens at the start of every sequence: 1 for OPT (its BOS is "
+                             "</s>), 0 for Llama.")
+    parser.add_argument("--per_device_train_batch_size", type=int, default=16)
+    parser.add_argument("--per_device_eval_batch_size", type=int, default=16)
+    parser.add_argument("--max_seq_len", type=int, default=512)
+    arguments.add_optimization_args(parser, learning_rate=5e-5)
+    arguments.add_runtime_args(parser, seed=2023)
+    arguments.add_zero_args(parser)
+    arguments.add_lora_args(parser)
+    arguments.add_logging_args(parser, tensorboard_path="step2_tensorboard")
+    parser.add_argument("--evals_per_epoch", type=int, default=10,
+                        help="Reward evaluations (and saves) per epoch; the original's 10.")
+    parser.add_argument("--eval_max_batches", type=int, default=100,
+                        help="Eval batches per rank and evaluation (the original's 100).")
+    return arguments.finish(parser, argv)
+
+
+def build_model(args, tokenizer, ds_config):
+    model = create_critic_model(args.model_name_or_path, tokenizer, ds_config,
+                                args.num_padding_at_beginning,
+                                disable_dropout=args.disable_dropout)
+    if args.lora_dim > 0:
+        convert_linear_layer_to_lora(model, args.lora_module_name, args.lora_dim)
+        if args.only_optimize_lora:
+            only_optimize_lora_parameters(model)
+            make_model_gradient_checkpointing_compatible(model)
+    return model
+
+
+def main():
+    args = parse_args()
+    args.tensorboard_path = args.output_dir
+    device, args.global_rank, world_size = init_distributed(args.local_rank)
+    ds_config = get_train_ds_config(offload=args.offload, stage=args.zero_stage,
+                                    enable_tensorboard=args.enable_tensorboard, bf16=args.bf16,
+                                    tb_path=args.tensorboard_path, tb_name="")
+    set_batch_sizes(ds_config, args.per_device_train_batch_size, world_size,
+                    args.gradient_accumulation_steps)
+    set_random_seed(args.seed)
+    barrier()
+    if args.global_rank == 0:
+        save_args(args, args.output_dir)
+        save_code(args.output_dir)
+
+    tokenizer = load_hf_tokenizer(args.model_name_or_path)
+    model = build_model(args, tokenizer, ds_config)
+    train_data, eval_data = create_prompt_dataset(
+        args.local_rank, args.data_path, args.data_split, args.data_output_path, 2,
+        args.data_seed, tokenizer, args.max_seq_len, end_of_conversation_token=tokenizer.eos_token)
+    distributed = world_size > 1
+    collator = DataCollatorReward()
+    train_loader = make_loader(train_data, args.per_device_train_batch_size, collator,
+                               shuffle=True, distributed=distributed, seed=args.seed)
+    # Sharded eval, reduced over ranks (the original ran the same batches on every rank).
+    eval_loader = make_loader(eval_data, args.per_device_eval_batch_size, collator,
+                              shuffle=False, distributed=distributed)
+
+    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    model = init_train_engine(model, args, ds_config, args.learning_rate, args.weight_decay,
+                              args.lora_learning_rate, args.num_train_epochs * steps_per_epoch,
+                              args.lr_scheduler_type, args.num_warmup_steps)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    metrics = MetricsLog(args.output_dir, args.enable_tensorboard)
+
+    def evaluate():
+        scores = evaluate_reward(model, eval_loader, device, args.eval_max_batches)
+        print_rank_0(f"chosen_last_scores (higher is better) : {scores['chosen_score']}, "
+                     f"rejected_last_scores : {scores['rejected_score']}, "
+                     f"acc (higher is better) : {scores['acc']}")
+        return {"Test/acc": scores["acc"], "Test/reward_score": scores["chosen_score"],
+                "Test/rejected_score": scores["rejected_score"]}
+
+    backbone_config = model.module.rwtranrsformer.config
+    passes = training_passes(args.gradient_checkpointing, args.lora_dim, backbone_config.hidden_size)
+    num_params = count_parameters(model)
+    train_supervised(
+        model, train_loader, args, device,
+        compute_loss=lambda engine, batch: engine(**batch, use_cache=False)["loss"],
+        evaluate=evaluate,
+        save=lambda: save_reward_model(model, tokenizer, args.output_dir,
+                                       args.num_padding_at_beginning),
+        metrics=metrics, stage_name="reward",
+        # chosen and rejected rows both run: twice the per-device batch
+        throughput=lambda seconds: throughput_line(
+            backbone_config, num_params, seconds, 2 * args.per_device_train_batch_size * world_size,
+            args.max_seq_len, passes, world_size))
+    metrics.close()
+    print_rank_0(f"saved the reward model to {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()

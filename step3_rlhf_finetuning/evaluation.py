@@ -1,0 +1,80 @@
+"""Stage-3 evaluation: reward of sampled (and greedy) answers on held-out prompts, KL and entropy
+against the reference, answer length, and perplexity on the SFT eval split.
+
+Every number is reduced over all ranks before anything branches on it (the original's evaluation
+was rank-local, so save and early-stop decisions could differ between ranks).
+"""
+import json
+import os
+
+import torch
+
+from remax_math import answer_lengths, masked_mean_from
+from utils.training import evaluate_perplexity
+from utils.utils import all_reduce_sum, get_rank
+
+EVAL_KEYS = ("reward", "greedy_reward", "length", "greedy_length", "kl", "entropy", "truncated")
+
+
+@torch.no_grad()
+def evaluate_policy(trainer, eval_loader, ppl_loader, args, global_step, device):
+    """Mean over at most `args.eval_batches` prompt batches per rank (and all ranks)."""
+    sums = dict.fromkeys(EVAL_KEYS, 0.0)
+    batches = 0
+    answers = []
+    for i, batch in enumerate(eval_loader):
+        if i >= args.eval_batches:
+            break
+        prompts = batch["prompt"].to(device)
+        exp = trainer.generate_experience(prompts, batch["prompt_att_mask"].to(device),
+                                          step=i, print_answers=False, training_mode=True)
+        start = prompts.size(1) - 1
+        mask = exp["attention_mask"]
+        sums["reward"] += exp["rewards"].mean().item()
+        sums["greedy_reward"] += exp["baseline_rewards"].mean().item()
+        sums["length"] += answer_lengths(mask, prompts.size(1)).mean().item()
+        sums["greedy_length"] += exp["stats"]["greedy_length"]
+        sums["kl"] += masked_mean_from(exp["full_kl"], mask, start).item()
+        sums["entropy"] += masked_mean_from(exp["entropy"], mask, start).item()
+        sums["truncated"] += exp["stats"]["truncated"]
+        batches += 1
+        if args.save_answers and i < 10:
+            answers += decode_answers(trainer.tokenizer, exp, prompts.size(1), global_step)
+    trainer.actor.train()
+    totals = all_reduce_sum([sums[k] for k in EVAL_KEYS] + [batches])
+    count = max(totals[-1], 1.0)
+    report = {k: v / count for k, v in zip(EVAL_KEYS, totals[:-1])}
+    report["ppl"], _ = evaluate_perplexity(trainer.actor, ppl_loader, device,
+                                           max_batches=args.ppl_eval_batches)
+    trainer.actor.train()
+    if args.save_answers:
+        append_answers(os.path.join(args.output_dir, "evaluation", f"rank_{get_rank()}.json"),
+                       answers)
+    return report
+
+
+def decode_answers(tokenizer, exp, prompt_len, global_step):
+    decode = lambda ids: tokenizer.batch_decode(ids, skip_special_tokens=True)  # noqa: E731
+    prompts = decode(exp["input_ids"][:, :prompt_len])
+    sampled = decode(exp["input_ids"][:, prompt_len:])
+    greedy = decode(exp["greedy_input_ids"][:, prompt_len:])
+    return [{"global_step": global_step, "prompt": p, "answer": a, "reward": r,
+             "greedy_answer": g, "greedy_reward": gr}
+            for p, a, r, g, gr in zip(prompts, sampled, exp["rewards"].tolist(), greedy,
+                                      exp["baseline_rewards"].tolist())]
+
+
+def append_answers(path, records):
+    """The original's answer dump: one JSON array per rank, ids continuing across evaluations
+    (we add the greedy answer and its reward to each record). Written atomically."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    existing = []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            existing = json.load(f)
+    next_id = existing[-1]["id"] + 1 if existing else 0
+    for offset, record in enumerate(records):
+        existing.append({"id": next_id + offset, **record})
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(existing, f, indent=2, ensure_ascii=False)
+    os.replace(path + ".tmp", path)

@@ -1,0 +1,132 @@
+"""The stage-3 models, one DeepSpeed engine each: actor (trained), reference (frozen SFT copy),
+reward (frozen stage-2 model) and the optional EMA of the actor. No value model: ReMax needs none.
+
+Only the actor has gradients and optimizer states, so ZeRO 1/2 mean nothing for the frozen models:
+they run at ZeRO 0 or, to save memory, ZeRO 3 (parameter partitioning, optionally offloaded).
+"""
+import time
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from utils.ds_utils import (get_eval_ds_config, get_train_ds_config, resolve_hybrid_engine,
+                            set_batch_sizes)
+from utils.model.model_utils import (check_tokenizer_contract, create_critic_model, create_hf_model,
+                                     unwrap)
+from utils.module.lora import (convert_linear_layer_to_lora,
+                               make_model_gradient_checkpointing_compatible,
+                               only_optimize_lora_parameters, gathered_parameters)
+from utils.training import init_eval_engine, init_train_engine
+from utils.utils import print_rank_0
+
+
+def _banner(text):
+    print_rank_0(f" {text} ".center(90, "*"))
+
+
+def frozen_model_stage(requested, name):
+    """ZeRO stage of a frozen model: 3 stays 3, anything else runs at 0."""
+    if requested in (0, 3):
+        return requested
+    print_rank_0(f"It is useless to set stage = {requested} for the {name} model (no optimizer "
+                 "states or gradients); running it at stage 0")
+    return 0
+
+
+class RLHFEngine:
+    """Builds actor, reference, reward (and EMA) engines from the parsed stage-3 arguments."""
+
+    def __init__(self, args, tokenizer, num_total_iters, world_size):
+        self.args = args
+        self.tokenizer = tokenizer
+        self.world_size = world_size
+        self.actor = self._timed("Actor", lambda: self._init_actor(num_total_iters))
+        self.ref = self._timed("Ref", self._init_ref)
+        self.actor_ema = self._timed("EMA", self._init_ema) if args.enable_ema else None
+        self.reward = self._timed("Reward", self._init_reward)
+        self.critic = None  # ReMax trains no value model
+
+    @staticmethod
+    def _timed(name, build):
+        start = time.time()
+        _banner(f"[start] Initializing {name} Model [start]")
+        engine = build()
+        _banner(f"[end] Initialized {name} Model [end] (duration: {time.time() - start:.2f}s)")
+        return engine
+
+    def _batch_sizes(self, config, gradient_accumulation_steps):
+        return set_batch_sizes(config, self.args.per_device_training_batch_size, self.world_size,
+                               gradient_accumulation_steps)
+
+    def _init_actor(self, num_total_iters):
+        args = self.args
+        config = get_train_ds_config(
+            offload=args.offload, stage=args.actor_zero_stage,
+            enable_hybrid_engine=resolve_hybrid_engine(args.enable_hybrid_engine),
+            inference_tp_size=args.inference_tp_size,
+            release_inference_cache=args.release_inference_cache,
+            pin_parameters=not args.unpin_actor_parameters,
+            tp_gather_partition_size=args.tp_gather_partition_size,
+            max_out_tokens=args.max_prompt_seq_len + args.max_answer_seq_len,
+            enable_tensorboard=args.enable_tensorboard,
+            enable_mixed_precision_lora=args.enable_mixed_precision_lora, bf16=args.actor_bf16,
+            memory_efficient_linear=args.memory_efficient_linear,
+            tb_path=args.tensorboard_path, tb_name="")
+        self._batch_sizes(config, args.gradient_accumulation_steps_actor)
+        model = create_hf_model(AutoModelForCausalLM, args.actor_model_name_or_path,
+                                self.tokenizer, config, disable_dropout=args.disable_actor_dropout)
+        check_tokenizer_contract(self.tokenizer, model.config, "actor")
+        if args.actor_lora_dim > 0:
+            convert_linear_layer_to_lora(model, args.actor_lora_module_name, args.actor_lora_dim,
+                                         flag_name="--actor_lora_module_name")
+            if args.only_optimize_lora:
+                only_optimize_lora_parameters(model)
+                make_model_gradient_checkpointing_compatible(model)
+        return init_train_engine(model, args, config, args.actor_learning_rate,
+                                 args.actor_weight_decay, args.actor_lora_learning_rate,
+                                 num_total_iters, args.lr_scheduler_type, args.num_warmup_steps)
+
+    def _frozen_actor_copy(self, lora):
+        args = self.args
+        stage = frozen_model_stage(args.reference_zero_stage, "reference")
+        config = get_eval_ds_config(args.offload_reference_model, stage, bf16=args.actor_bf16)
+        self._batch_sizes(config, args.gradient_accumulation_steps_actor)
+        model = create_hf_model(AutoModelForCausalLM, args.actor_model_name_or_path,
+                                self.tokenizer, config)
+        if lora and args.actor_lora_dim > 0:
+            convert_linear_layer_to_lora(model, args.actor_lora_module_name, args.actor_lora_dim,
+                                         flag_name="--actor_lora_module_name")
+        return init_eval_engine(model, config)
+
+    def _init_ref(self):
+        return self._frozen_actor_copy(lora=False)
+
+    def _init_ema(self):
+        # Same structure as the actor (LoRA included) so parameters pair up one to one.
+        return self._frozen_actor_copy(lora=True)
+
+    def _init_reward(self):
+        args = self.args
+        stage = frozen_model_stage(args.reward_zero_stage, "reward")
+        config = get_eval_ds_config(args.offload_reward_model, stage, bf16=args.reward_bf16)
+        self._batch_sizes(config, args.gradient_accumulation_steps)
+        model = create_critic_model(args.reward_model_name_or_path, self.tokenizer, config,
+                                    args.num_padding_at_beginning, rlhf_training=True,
+                                    disable_dropout=args.disable_reward_dropout)
+        return init_eval_engine(model, config)
+
+
+@torch.no_grad()
+def moving_average(model, model_ema, beta=0.992):
+    """EMA of the actor, DeepSpeed-Chat's rule: ema <- beta * ema + (1 - beta) * param.
+
+    ZeRO-3 aware: each parameter pair is gathered; the update is made on every rank's full copy and
+    re-partitioned (modifier_rank=None keeps the ranks consistent without a broadcast).
+    """
+    params = list(unwrap(model).parameters())
+    ema_params = list(unwrap(model_ema).parameters())
+    if len(params) != len(ema_params):
+        raise RuntimeError("the EMA model's parameters do not pair up with the actor's")
+    for param, ema in zip(params, ema_params):
+        with gathered_parameters([param, ema], modifier_rank=None):
+            ema.data.copy_(torch.lerp(param.data.to(ema.dtype), ema.data, beta))
