@@ -23,3 +23,39 @@ def tiny_llama_path(tmp_path_factory):
     """A tiny Llama-family checkpoint directory (config, random weights, SentencePiece tokenizer)."""
     from utils.model.tiny_models import build_tiny_checkpoint
     return build_tiny_checkpoint("llama", str(tmp_path_factory.mktemp("tiny") / "tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def preference_data(tmp_path_factory):
+    """The synthetic preference set (helpful-word rule) in the hub layout of Dahoas/rm-static."""
+    from utils.data.synthetic import build_dataset
+    return build_dataset(str(tmp_path_factory.mktemp("data")), num_train=600, num_test=200)
+
+
+@pytest.fixture(scope="session")
+def sft_opt(tiny_opt_path, preference_data, tmp_path_factory):
+    """Stage 1 on the tiny OPT (1 rank, ZeRO 2): the output directory."""
+    from stage_runner import run_stage, sft_args
+    out = str(tmp_path_factory.mktemp("sft_opt"))
+    run_stage(1, sft_args(tiny_opt_path, preference_data, out, zero_stage=2), num_gpus=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def reward_opt(sft_opt, preference_data, tmp_path_factory):
+    """Stage 2 on the stage-1 OPT (1 rank, ZeRO 2): the output directory."""
+    from stage_runner import reward_args, run_stage
+    out = str(tmp_path_factory.mktemp("reward_opt"))
+    run_stage(2, reward_args(sft_opt, preference_data, out, zero_stage=2, pad_at_beginning=1),
+              num_gpus=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def reward_llama(tiny_llama_path, preference_data, tmp_path_factory):
+    """Stage 2 on the tiny Llama (2 ranks, ZeRO 3): the output directory."""
+    from stage_runner import reward_args, run_stage
+    out = str(tmp_path_factory.mktemp("reward_llama"))
+    run_stage(2, reward_args(tiny_llama_path, preference_data, out, zero_stage=3,
+                             pad_at_beginning=0), num_gpus=2)
+    return out

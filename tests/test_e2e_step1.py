@@ -7,27 +7,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from stage_runner import run_stage
-from utils.data.synthetic import build_dataset
+from stage_runner import run_stage, sft_args
 from utils.training import read_metrics
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def preference_data(tmp_path_factory):
-    return build_dataset(str(tmp_path_factory.mktemp("data")), num_train=600, num_test=200)
-
-
-def sft_args(model_path, data_path, out, cache, zero_stage, extra=()):
-    return ["--model_name_or_path", model_path, "--data_path", data_path, "--data_split", "6,2,2",
-            "--data_output_path", cache, "--output_dir", out, "--max_seq_len", 64,
-            "--per_device_train_batch_size", 8, "--per_device_eval_batch_size", 16,
-            "--learning_rate", 3e-3, "--num_train_epochs", 2, "--num_warmup_steps", 2,
-            "--zero_stage", zero_stage, "--evals_per_epoch", 2, "--deepspeed", *extra]
-
-
-def check_run(out, tokenizer_path):
+def check_run(out):
     records = read_metrics(out)
     evals = [r["Test/ppl"] for r in records if "Test/ppl" in r]
     losses = [r["Train/loss"] for r in records if "Train/loss" in r]
@@ -43,18 +29,12 @@ def check_run(out, tokenizer_path):
     assert os.path.exists(os.path.join(out, "args.json"))
 
 
-def test_sft_opt_one_rank_zero2(tiny_opt_path, preference_data, tmp_path):
-    out = str(tmp_path / "out")
-    os.makedirs(out)
-    log = run_stage(1, sft_args(tiny_opt_path, preference_data, out, str(tmp_path / "cache"), 2),
-                    num_gpus=1)
-    assert "ppl:" in log
-    check_run(out, tiny_opt_path)
+def test_sft_opt_one_rank_zero2(sft_opt):
+    check_run(sft_opt)
 
 
 def test_sft_llama_two_ranks_zero3(tiny_llama_path, preference_data, tmp_path):
     out = str(tmp_path / "out")
-    os.makedirs(out)
-    run_stage(1, sft_args(tiny_llama_path, preference_data, out, str(tmp_path / "cache"), 3),
-              num_gpus=2)
-    check_run(out, tiny_llama_path)
+    log = run_stage(1, sft_args(tiny_llama_path, preference_data, out, zero_stage=3), num_gpus=2)
+    assert "ppl:" in log
+    check_run(out)
