@@ -12,7 +12,7 @@ from remax_math import (action_mask_from_sequences, answer_lengths, compute_retu
                         truncated_rate)
 from rlhf_engine import moving_average
 from utils.model.model_utils import unwrap
-from utils.utils import get_rank
+from utils.utils import get_rank, get_world_size
 
 # The original's sampling settings (HF defaults filled in explicitly: top_k 50 was active too).
 TOP_P, TOP_K, TEMPERATURE = 0.9, 50, 1.0
@@ -39,7 +39,7 @@ class ReMaxTrainer:
                                      *_as_list(unwrap(self.actor).config.eos_token_id)})
         # The original's degenerate-answer patch writes the token of " " (read at run time).
         self.space_token_id = self.tokenizer.encode(" ", add_special_tokens=False)[-1]
-        self.synced_gpus = args.actor_zero_stage == 3 and torch.distributed.get_world_size() > 1
+        self.synced_gpus = args.actor_zero_stage == 3 and get_world_size() > 1
         self.generate_time = 0.0
 
     # ------------------------------------------------------------------ generation and scoring
