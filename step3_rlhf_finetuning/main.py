@@ -20,7 +20,8 @@ from train_state import TrainState  # noqa: E402
 from utils import arguments  # noqa: E402
 from utils.data.data_utils import (DataCollatorRLHF, MiniDataset,  # noqa: E402
                                    create_prompt_dataset, get_unsupervised_data)
-from utils.model.model_utils import load_hf_tokenizer, save_hf_format  # noqa: E402
+from utils.model.model_utils import load_hf_tokenizer, save_hf_format, unwrap  # noqa: E402
+from utils.perf import calculate_flops, training_passes  # noqa: E402
 from utils.training import (MetricsLog, interval, make_loader, progress,  # noqa: E402
                             set_loader_epoch)
 from utils.utils import (all_reduce_sum, barrier, init_distributed, print_rank_0,  # noqa: E402
@@ -173,12 +174,25 @@ def evaluate_and_log(trainer, eval_loader, ppl_loader, args, state, metrics, dev
     return report
 
 
-def log_step(sums, k, timing, args, state, metrics, num_updates, world_size):
+def update_flops(args, config, world_size):
+    """(training, generation) FLOPs of one update, the original's Megatron-formula estimate at the
+    full sequence length; generation counts both the sampled and the greedy pass."""
+    seq_len = args.max_prompt_seq_len + args.max_answer_seq_len
+    batch = args.per_device_generation_batch_size * args.generation_batches * world_size
+    passes = training_passes(args.actor_gradient_checkpointing, args.actor_lora_dim,
+                             config.hidden_size)
+    return (calculate_flops(passes, batch, seq_len, config),
+            2 * calculate_flops(1, batch, seq_len, config))
+
+
+def log_step(sums, k, timing, args, state, metrics, num_updates, world_size, flops):
     means = dict(zip(STEP_METRICS, (v / k for v in all_reduce_sum([sums.get(m, 0.0)
                                                                      for m in STEP_METRICS]))))
     means = {m: v / world_size for m, v in means.items()}
     gen_s, train_s = timing
     e2e = gen_s + train_s
+    train_flops, gen_flops = flops
+    tflops = lambda f, sec: f / max(sec, 1e-9) / world_size / 1e12  # noqa: E731  per device
     tokens = args.per_device_generation_batch_size * args.generation_batches * world_size * (
         means["length"] + means["greedy_length"])
     print_rank_0(
@@ -191,13 +205,16 @@ def log_step(sums, k, timing, args, state, metrics, num_updates, world_size):
         f"{means['truncated']:.2f}) | Average kl: {means['kl']:.4f} | Average entropy: "
         f"{means['entropy']:.4f} | Max kl: {means['max_kl']:.4f} | Max return: "
         f"{means['max_return']:.4f} | KL ratio: {means['kl_ratio']:.4f}\n"
-        f"End-to-End => Latency: {e2e:.2f}s, Generation: {gen_s:.2f}s "
-        f"({tokens / max(gen_s, 1e-9):.1f} answer tokens/s), Training: {train_s:.2f}s\n"
+        f"End-to-End => Latency: {e2e:.2f}s, TFLOPs: {tflops(train_flops + gen_flops, e2e):.2f} | "
+        f"Generation: {gen_s:.2f}s ({tokens / max(gen_s, 1e-9):.1f} answer tokens/s, TFLOPs: "
+        f"{tflops(gen_flops, gen_s):.2f}) | Training: {train_s:.2f}s (TFLOPs: "
+        f"{tflops(train_flops, train_s):.2f})\n"
         + "-" * 85)
     metrics.log(state.global_step, epoch=state.epoch,
                 **{f"train/{m}": v for m, v in means.items()},
                 **{"train/generation_seconds": gen_s, "train/training_seconds": train_s,
-                   "train/e2e_seconds": e2e})
+                   "train/e2e_seconds": e2e,
+                   "train/answer_tokens_per_second": tokens / max(gen_s, 1e-9)})
 
 
 def main():
@@ -223,6 +240,7 @@ def main():
     trainer = ReMaxTrainer(engine, args)
     metrics = MetricsLog(args.output_dir, args.enable_tensorboard)
     state = TrainState()
+    flops = update_flops(args, unwrap(engine.actor).config, world_size)
 
     print_rank_0("***** Running training *****")
     print_rank_0(f"***** Evaluating policy, Epoch 1/{args.num_train_epochs} *****")
@@ -257,7 +275,7 @@ def main():
             sums = trainer.train_step(experiences, unsup_batches)
             sums.update({key: value * len(experiences) for key, value in round_stats.items()})
             log_step(sums, len(experiences), (generate_seconds, time.time() - start), args,
-                     state, metrics, num_updates * args.num_train_epochs, world_size)
+                     state, metrics, num_updates * args.num_train_epochs, world_size, flops)
             generate_seconds, round_stats = 0.0, {}
             state.global_step += 1
             if not trainer.overflowed():

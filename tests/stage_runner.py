@@ -24,14 +24,18 @@ def launcher_env():
     return env
 
 
-def run_stage(stage, args, num_gpus=1, timeout=600, script="main.py"):
-    """Run `deepspeed --num_gpus N <stage>/<script> args`; return the combined output.
-
-    Raises AssertionError with the output tail when the run fails.
+def run_stage(stage, args, num_gpus=1, timeout=600, script="main.py", launcher=True):
+    """Run `deepspeed --num_gpus N <stage>/<script> args` (or `python <script> args` without the
+    launcher); return the combined output. Raises AssertionError with the output tail on failure.
     """
-    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    cmd = [launcher, "--num_gpus", str(num_gpus), "--master_port", str(free_port()),
-           os.path.join(ROOT, STAGES[stage], script)] + [str(a) for a in args]
+    script_path = os.path.join(ROOT, STAGES[stage], script)
+    if launcher:
+        deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+        cmd = [deepspeed, "--num_gpus", str(num_gpus), "--master_port", str(free_port()),
+               script_path]
+    else:
+        cmd = [sys.executable, script_path]
+    cmd += [str(a) for a in args]
     proc = subprocess.run(cmd, cwd=ROOT, env=launcher_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=timeout)
     if proc.returncode != 0:

@@ -35,6 +35,18 @@ def test_sft_opt_one_rank_zero2(sft_opt):
 
 def test_sft_llama_two_ranks_zero3(tiny_llama_path, preference_data, tmp_path):
     out = str(tmp_path / "out")
-    log = run_stage(1, sft_args(tiny_llama_path, preference_data, out, zero_stage=3), num_gpus=2)
+    log = run_stage(1, sft_args(tiny_llama_path, preference_data, out, zero_stage=3,
+                                extra=["--gradient_checkpointing"]), num_gpus=2)
     assert "ppl:" in log
+    check_run(out)
+
+
+def test_sft_without_launcher_with_offload(tiny_opt_path, preference_data, tmp_path):
+    """`python main.py` runs as world size 1 (the original crashed); ZeRO 2 + CPU optimizer offload
+    (DeepSpeedCPUAdam)."""
+    out = str(tmp_path / "out")
+    log = run_stage(1, sft_args(tiny_opt_path, preference_data, out, zero_stage=2,
+                                extra=["--offload", "--lora_dim", 4, "--lora_module_name",
+                                       "decoder.layers."]), launcher=False)
+    assert "[optimizer] DeepSpeedCPUAdam" in log
     check_run(out)

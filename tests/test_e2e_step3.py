@@ -70,3 +70,25 @@ def test_remax_opt_lora_only(sft_opt, reward_opt, preference_data, tmp_path):
     diffs = [(a - b).abs().max().item() for (n, a), (_, b) in
              zip(saved.state_dict().items(), sft.state_dict().items()) if "q_proj.weight" in n]
     assert max(diffs) > 0
+
+
+def test_remax_opt_with_ema_and_pretraining_mix(sft_opt, reward_opt, preference_data, tmp_path):
+    """The two features the original stopped at with NotImplementedError."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"The {w} river is clear and kind, a useful story of the city."
+                                for w in ("moon", "sun", "tree", "frog") * 50))
+    out = str(tmp_path / "out")
+    log = run_stage(3, remax_args(sft_opt, reward_opt, preference_data, out, 2, 0, 0, 1,
+                                  extra=["--enable_ema", "--unsupervised_dataset_name", corpus,
+                                         "--unsupervised_dataset_config_name", "plain_text",
+                                         "--unsup_coef", 0.5, "--max_answer_seq_len", 8]))
+    steps = check_remax_run(out, log)
+    assert all(math.isfinite(s["train/unsup_loss"]) and s["train/unsup_loss"] > 0 for s in steps)
+    actor = AutoModelForCausalLM.from_pretrained(os.path.join(out, "actor")).state_dict()
+    ema = AutoModelForCausalLM.from_pretrained(os.path.join(out, "actor_ema")).state_dict()
+    sft = AutoModelForCausalLM.from_pretrained(sft_opt).state_dict()
+    name = "model.decoder.layers.0.fc1.weight"
+    # The EMA moved from the SFT weights towards the actor, but by far less than the actor moved.
+    ema_shift = (ema[name] - sft[name]).abs().max().item()
+    actor_shift = (actor[name] - sft[name]).abs().max().item()
+    assert 0 < ema_shift < actor_shift
