@@ -13,17 +13,13 @@ from transformers import AutoModelForCausalLM, default_data_collator  # noqa: E4
 
 from utils import arguments  # noqa: E402
 from utils.data.data_utils import create_prompt_dataset  # noqa: E402
-from utils.ds_utils import get_train_ds_config, set_batch_sizes  # noqa: E402
 from utils.model.model_utils import (check_tokenizer_contract, count_parameters,  # noqa: E402
                                      create_hf_model, load_hf_tokenizer, save_hf_format)
-from utils.module.lora import (convert_linear_layer_to_lora,  # noqa: E402
-                               make_model_gradient_checkpointing_compatible,
-                               only_optimize_lora_parameters)
+from utils.module.lora import apply_lora  # noqa: E402
 from utils.perf import throughput_line, training_passes  # noqa: E402
 from utils.training import (MetricsLog, evaluate_perplexity, init_train_engine,  # noqa: E402
-                            make_loader, train_supervised)
-from utils.utils import (init_distributed, print_rank_0, save_args, save_code,  # noqa: E402
-                         set_random_seed, barrier)
+                            make_loader, start_stage, train_supervised)
+from utils.utils import print_rank_0  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -48,28 +44,12 @@ def build_model(args, tokenizer, ds_config):
     model = create_hf_model(AutoModelForCausalLM, args.model_name_or_path, tokenizer, ds_config,
                             disable_dropout=args.disable_dropout)
     check_tokenizer_contract(tokenizer, model.config)
-    if args.lora_dim > 0:
-        convert_linear_layer_to_lora(model, args.lora_module_name, args.lora_dim)
-        if args.only_optimize_lora:
-            only_optimize_lora_parameters(model)
-            make_model_gradient_checkpointing_compatible(model)
-    return model
+    return apply_lora(model, args.lora_dim, args.lora_module_name, args.only_optimize_lora)
 
 
 def main():
     args = parse_args()
-    args.tensorboard_path = args.output_dir
-    device, args.global_rank, world_size = init_distributed(args.local_rank)
-    ds_config = get_train_ds_config(offload=args.offload, stage=args.zero_stage,
-                                    enable_tensorboard=args.enable_tensorboard, bf16=args.bf16,
-                                    tb_path=args.tensorboard_path, tb_name="")
-    set_batch_sizes(ds_config, args.per_device_train_batch_size, world_size,
-                    args.gradient_accumulation_steps)
-    set_random_seed(args.seed)
-    barrier()
-    if args.global_rank == 0:
-        save_args(args, args.output_dir)
-        save_code(args.output_dir)
+    device, world_size, ds_config = start_stage(args)
 
     tokenizer = load_hf_tokenizer(args.model_name_or_path)
     model = build_model(args, tokenizer, ds_config)

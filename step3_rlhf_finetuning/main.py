@@ -23,9 +23,9 @@ from utils.data.data_utils import (DataCollatorRLHF, MiniDataset,  # noqa: E402
 from utils.model.model_utils import load_hf_tokenizer, save_hf_format, unwrap  # noqa: E402
 from utils.perf import calculate_flops, training_passes  # noqa: E402
 from utils.training import (MetricsLog, interval, make_loader, progress,  # noqa: E402
-                            set_loader_epoch)
-from utils.utils import (all_reduce_sum, barrier, init_distributed, print_rank_0,  # noqa: E402
-                         save_args, save_code, set_random_seed, to_device)
+                            record_run, set_loader_epoch)
+from utils.utils import (all_reduce_sum, init_distributed, print_rank_0,  # noqa: E402
+                         set_random_seed, to_device)
 
 STEP_METRICS = ("reward", "baseline_reward", "advantage", "return", "max_return", "kl_ratio", "kl",
                 "max_kl", "entropy", "actor_loss", "unsup_loss", "length", "greedy_length",
@@ -224,10 +224,7 @@ def main():
     device, args.global_rank, world_size = init_distributed(args.local_rank)
     args.gradient_accumulation_steps_actor = micro_batches_per_update(args)
     set_random_seed(args.seed)
-    barrier()
-    if args.global_rank == 0:
-        save_args(args, args.output_dir)
-        save_code(args.output_dir)
+    record_run(args)
 
     tokenizer = load_hf_tokenizer(args.actor_model_name_or_path)
     train_loader, eval_loader, ppl_loader, unsup_loader = create_datasets(args, tokenizer,

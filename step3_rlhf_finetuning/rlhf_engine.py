@@ -13,9 +13,7 @@ from utils.ds_utils import (get_eval_ds_config, get_train_ds_config, resolve_hyb
                             set_batch_sizes)
 from utils.model.model_utils import (check_tokenizer_contract, create_critic_model, create_hf_model,
                                      unwrap)
-from utils.module.lora import (convert_linear_layer_to_lora,
-                               make_model_gradient_checkpointing_compatible,
-                               only_optimize_lora_parameters, gathered_parameters)
+from utils.module.lora import apply_lora, gathered_parameters
 from utils.training import init_eval_engine, init_train_engine
 from utils.utils import print_rank_0
 
@@ -76,12 +74,8 @@ class RLHFEngine:
         model = create_hf_model(AutoModelForCausalLM, args.actor_model_name_or_path,
                                 self.tokenizer, config, disable_dropout=args.disable_actor_dropout)
         check_tokenizer_contract(self.tokenizer, model.config, "actor")
-        if args.actor_lora_dim > 0:
-            convert_linear_layer_to_lora(model, args.actor_lora_module_name, args.actor_lora_dim,
-                                         flag_name="--actor_lora_module_name")
-            if args.only_optimize_lora:
-                only_optimize_lora_parameters(model)
-                make_model_gradient_checkpointing_compatible(model)
+        apply_lora(model, args.actor_lora_dim, args.actor_lora_module_name,
+                   args.only_optimize_lora, flag_name="--actor_lora_module_name")
         return init_train_engine(model, args, config, args.actor_learning_rate,
                                  args.actor_weight_decay, args.actor_lora_learning_rate,
                                  num_total_iters, args.lr_scheduler_type, args.num_warmup_steps)
@@ -93,9 +87,9 @@ class RLHFEngine:
         self._batch_sizes(config, args.gradient_accumulation_steps_actor)
         model = create_hf_model(AutoModelForCausalLM, args.actor_model_name_or_path,
                                 self.tokenizer, config)
-        if lora and args.actor_lora_dim > 0:
-            convert_linear_layer_to_lora(model, args.actor_lora_module_name, args.actor_lora_dim,
-                                         flag_name="--actor_lora_module_name")
+        if lora:
+            apply_lora(model, args.actor_lora_dim, args.actor_lora_module_name,
+                       flag_name="--actor_lora_module_name")
         return init_eval_engine(model, config)
 
     def _init_ref(self):

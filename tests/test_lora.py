@@ -1,5 +1,4 @@
 """LoRA layers (SPEC §6) and the non-mutating merged export (fix of §13.1 item 13)."""
-import math
 import os
 import subprocess
 import sys

@@ -8,7 +8,8 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 
-from utils.utils import all_reduce_sum, get_rank, print_rank_0
+from utils.utils import (all_reduce_sum, barrier, get_rank, init_distributed, print_rank_0,
+                         save_args, save_code, set_random_seed)
 
 _precision_logged = False
 
@@ -25,6 +26,31 @@ def log_precision_once(ds_config):
     else:
         precision = "fp32 (this accelerator cannot train in fp16; pass --bf16 for bf16)"
     print_rank_0(f"[precision] training in {precision}")
+
+
+def start_stage(args):
+    """Start-up of stages 1 and 2: process group, the train DeepSpeed config, seed, and rank 0's
+    record of the run (`args.json`, a copy of the code). Returns (device, world_size, ds_config)."""
+    from utils.ds_utils import get_train_ds_config, set_batch_sizes
+
+    args.tensorboard_path = args.output_dir
+    device, args.global_rank, world_size = init_distributed(args.local_rank)
+    ds_config = get_train_ds_config(offload=args.offload, stage=args.zero_stage,
+                                    enable_tensorboard=args.enable_tensorboard, bf16=args.bf16,
+                                    tb_path=args.tensorboard_path, tb_name="")
+    set_batch_sizes(ds_config, args.per_device_train_batch_size, world_size,
+                    args.gradient_accumulation_steps)
+    set_random_seed(args.seed)
+    record_run(args)
+    return device, world_size, ds_config
+
+
+def record_run(args):
+    """After a barrier, rank 0 writes `<output_dir>/args.json` and copies the code."""
+    barrier()
+    if get_rank() == 0:
+        save_args(args, args.output_dir)
+        save_code(args.output_dir)
 
 
 def make_loader(dataset, batch_size, collate_fn, shuffle, distributed, seed=0, drop_last=False):

@@ -155,3 +155,17 @@ def lora_merged_state_dict(model: nn.Module) -> dict:
                                                module.lora_right_weight.detach(), module.lora_scaling)
                 merged[prefix + attr] = tensor.to("cpu", copy=True)
     return merged
+
+
+def apply_lora(model, lora_dim, part_module_name, only_optimize_lora=False,
+               flag_name="--lora_module_name"):
+    """The stages' LoRA set-up; a no-op when lora_dim is 0. With only_optimize_lora the base
+    weights are frozen, and the embedding output is made to require grad so that gradient
+    checkpointing still reaches the LoRA factors. Returns `model`."""
+    if lora_dim <= 0:
+        return model
+    convert_linear_layer_to_lora(model, part_module_name, lora_dim, flag_name=flag_name)
+    if only_optimize_lora:
+        only_optimize_lora_parameters(model)
+        make_model_gradient_checkpointing_compatible(model)
+    return model
