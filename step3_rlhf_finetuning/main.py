@@ -117,9 +117,13 @@ def check_args(parser, args):
         parser.error("--inference_tp_size > 1 needs --actor_zero_stage 3")
     if args.enable_mixed_precision_lora and (args.actor_lora_dim == 0 or args.actor_zero_stage != 3):
         parser.error("--enable_mixed_precision_lora needs --actor_lora_dim > 0 and actor ZeRO 3")
-    if bool(args.unsupervised_dataset_name) != bool(args.unsupervised_dataset_config_name) and \
-            args.unsupervised_dataset_name and not os.path.exists(args.unsupervised_dataset_name):
-        parser.error(f"--unsupervised_dataset_name {args.unsupervised_dataset_name} does not exist")
+    # As the original, the pretraining mix needs both flags; one alone is an error, not ignored.
+    if bool(args.unsupervised_dataset_name) != bool(args.unsupervised_dataset_config_name):
+        parser.error("the pretraining mix needs both --unsupervised_dataset_name and "
+                     "--unsupervised_dataset_config_name")
+    if args.unsupervised_dataset_name and not os.path.exists(args.unsupervised_dataset_name):
+        parser.error(f"--unsupervised_dataset_name {args.unsupervised_dataset_name} does not exist "
+                     "(a local file or directory; nothing is downloaded)")
 
 
 def create_datasets(args, tokenizer, world_size):
@@ -234,6 +238,9 @@ def main():
         num_updates = min(num_updates, len(unsup_loader) // args.generation_batches)
     # One optimizer step per update (the original's horizon assumed gen_bs/train_bs · ppo_epochs).
     engine = RLHFEngine(args, tokenizer, args.num_train_epochs * num_updates, world_size)
+    if args.enable_mixed_precision_lora:
+        engine.actor.optimizer.quantize_nontrainable_params()
+        print_rank_0("Mixed Precision ZeRO++ enabled")
     trainer = ReMaxTrainer(engine, args)
     metrics = MetricsLog(args.output_dir, args.enable_tensorboard)
     state = TrainState()
@@ -291,7 +298,7 @@ def main():
                              f"{state.last_eval_kl} > Target KL ({args.target_kl}) ****")
                 state.early_stopped = True
                 break
-            if args.enable_test_mode and state.non_overflow_steps >= args.test_stop_step:
+            if args.enable_test_mode and state.non_overflow_steps == args.test_stop_step:
                 break
         if state.early_stopped or args.enable_test_mode:
             break

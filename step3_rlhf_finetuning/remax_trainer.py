@@ -98,6 +98,10 @@ class ReMaxTrainer:
         greedy_seq = self._generate(prompts, prompt_mask, do_sample=False) if training_mode \
             else None
         self.generate_time = time.time() - start
+        # Score with the Hugging Face forwards (engine.train() restores them when the hybrid engine
+        # swapped in its inference kernels for generation) but without dropout (module.eval()).
+        self.actor.train()
+        unwrap(self.actor).eval()
 
         seq, truncated, patched = self._finish_sequences(seq, prompt_len)
         mask = self._scoring_mask(seq, prompt_mask, prompt_len)
@@ -127,8 +131,8 @@ class ReMaxTrainer:
                 stats.update(greedy_truncated=greedy_truncated,
                              greedy_length=answer_lengths(greedy_mask, prompt_len).mean().item())
         exp["stats"] = stats
-        # The original switched the actor back to train mode before scoring, so dropout (when not
-        # disabled) perturbed the stored log-probs; we score in eval mode (SPEC §13.1 item 19).
+        # The original scored in train mode, so dropout (when not disabled) perturbed the stored
+        # log-probs; we score without dropout (SPEC §13.1 item 19).
         self.actor.train()
         return exp
 

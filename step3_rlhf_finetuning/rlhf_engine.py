@@ -114,13 +114,13 @@ class RLHFEngine:
 def moving_average(model, model_ema, beta=0.992):
     """EMA of the actor, DeepSpeed-Chat's rule: ema <- beta * ema + (1 - beta) * param.
 
-    ZeRO-3 aware: each parameter pair is gathered; the update is made on every rank's full copy and
-    re-partitioned (modifier_rank=None keeps the ranks consistent without a broadcast).
+    ZeRO-3 aware: the actor parameter is gathered read-only, the EMA parameter with modifier rank 0,
+    whose update DeepSpeed re-partitions on exit (a gather without a modifier rank would drop it).
     """
     params = list(unwrap(model).parameters())
     ema_params = list(unwrap(model_ema).parameters())
     if len(params) != len(ema_params):
         raise RuntimeError("the EMA model's parameters do not pair up with the actor's")
     for param, ema in zip(params, ema_params):
-        with gathered_parameters([param, ema], modifier_rank=None):
+        with gathered_parameters([param]), gathered_parameters([ema], modifier_rank=0):
             ema.data.copy_(torch.lerp(param.data.to(ema.dtype), ema.data, beta))

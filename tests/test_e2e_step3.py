@@ -73,12 +73,13 @@ def test_remax_opt_lora_only(sft_opt, reward_opt, preference_data, tmp_path):
 
 
 def test_remax_opt_with_ema_and_pretraining_mix(sft_opt, reward_opt, preference_data, tmp_path):
-    """The two features the original stopped at with NotImplementedError."""
+    """The two features the original stopped at with NotImplementedError; the EMA copy runs at
+    ZeRO 3 (the reference's stage), where an update made inside a plain gather would be lost."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(f"The {w} river is clear and kind, a useful story of the city."
                                 for w in ("moon", "sun", "tree", "frog") * 50))
     out = str(tmp_path / "out")
-    log = run_stage(3, remax_args(sft_opt, reward_opt, preference_data, out, 2, 0, 0, 1,
+    log = run_stage(3, remax_args(sft_opt, reward_opt, preference_data, out, 2, 3, 0, 1,
                                   extra=["--enable_ema", "--unsupervised_dataset_name", corpus,
                                          "--unsupervised_dataset_config_name", "plain_text",
                                          "--unsup_coef", 0.5, "--max_answer_seq_len", 8]))

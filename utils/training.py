@@ -111,8 +111,12 @@ def evaluate_perplexity(model, loader, device, max_batches=None):
     """
     from utils.utils import to_device
 
+    from utils.model.model_utils import unwrap
+
     was_training = model.training
-    model.eval()
+    # module.eval(), not engine.eval(): with DeepSpeed's hybrid engine the latter would swap in its
+    # inference kernels; we want the training forwards without dropout.
+    unwrap(model).eval()
     loss_sum, batches = 0.0, 0
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
