@@ -22,8 +22,8 @@ from utils.data.data_utils import (DataCollatorRLHF, MiniDataset,  # noqa: E402
                                    create_prompt_dataset, get_unsupervised_data)
 from utils.model.model_utils import load_hf_tokenizer, save_hf_format, unwrap  # noqa: E402
 from utils.perf import calculate_flops, training_passes  # noqa: E402
-from utils.training import (MetricsLog, interval, make_loader, progress,  # noqa: E402
-                            record_run, set_loader_epoch)
+from utils.training import (MetricsLog, NonFiniteGuard, interval, make_loader,  # noqa: E402
+                            progress, record_run, set_loader_epoch)
 from utils.utils import (all_reduce_sum, init_distributed, print_rank_0,  # noqa: E402
                          set_random_seed, to_device)
 
@@ -250,6 +250,7 @@ def main():
     print_rank_0(f"***** Evaluating policy, Epoch 1/{args.num_train_epochs} *****")
     evaluate_and_log(trainer, eval_loader, ppl_loader, args, state, metrics, device)
     eval_every = interval(num_updates, args.evals_per_epoch)
+    guard = NonFiniteGuard()
     for state.epoch in range(state.epoch, args.num_train_epochs):
         print_rank_0(f"Beginning of Epoch {state.epoch + 1}/{args.num_train_epochs}, "
                      f"Total Generation Batches {len(train_loader)}")
@@ -277,6 +278,7 @@ def main():
                 continue
             start = time.time()
             sums = trainer.train_step(experiences, unsup_batches)
+            guard.check(sums["actor_loss"], f"update {state.global_step}")
             sums.update({key: value * len(experiences) for key, value in round_stats.items()})
             log_step(sums, len(experiences), (generate_seconds, time.time() - start), args,
                      state, metrics, num_updates * args.num_train_epochs, world_size, flops)

@@ -175,6 +175,26 @@ def progress(iterable, desc, total=None):
     return tqdm(iterable, desc=desc, total=total, disable=get_rank() != 0, dynamic_ncols=True)
 
 
+class NonFiniteGuard:
+    """Stops a run whose loss is NaN/inf for `patience` updates in a row, with a message that says
+    what to try, instead of training on garbage (fp16 overflow on Llama-2 is the usual cause)."""
+
+    def __init__(self, patience=3):
+        self.patience = patience
+        self.bad = 0
+
+    def check(self, loss_value, where):
+        if math.isfinite(loss_value):
+            self.bad = 0
+            return
+        self.bad += 1
+        print_rank_0(f"[warning] non-finite loss ({loss_value}) at {where}")
+        if self.bad >= self.patience:
+            raise FloatingPointError(
+                f"the loss was non-finite for {self.bad} updates in a row (last at {where}); "
+                "lower the learning rate, or use --bf16 / --actor_bf16 instead of fp16")
+
+
 def interval(num_batches, times_per_epoch):
     """Steps between evaluations; at least 1 (the original divided by zero on small datasets)."""
     return max(1, num_batches // times_per_epoch)
@@ -223,6 +243,7 @@ def train_supervised(model, train_loader, args, device, compute_loss, evaluate, 
     print_rank_0(f"***** Evaluating {stage_name}, Epoch 1/{epochs} *****")
     metrics.log(0, epoch=0, **evaluate())
     eval_every = interval(len(train_loader), args.evals_per_epoch)
+    guard = NonFiniteGuard()
     for epoch in range(epochs):
         print_rank_0(f"Beginning of Epoch {epoch + 1}/{epochs}, "
                      f"Total Micro Batches {len(train_loader)}")
@@ -235,6 +256,7 @@ def train_supervised(model, train_loader, args, device, compute_loss, evaluate, 
             if args.print_loss:
                 print(f"Epoch: {epoch + 1}, Step: {step}, Rank: {args.global_rank}, "
                       f"loss = {loss.item()}", flush=True)
+            guard.check(loss.item(), f"epoch {epoch + 1} step {step}")
             model.backward(loss)
             model.step()
             bar.set_postfix(loss=f"{loss.item():.4f}")
