@@ -29,7 +29,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 demo: $(STAMP)
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m demo.run_demo
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m demo.run_demo $(if $(SEED),--seed $(SEED))
 
 clean:
 	rm -rf demo_output .pytest_cache

@@ -77,7 +77,8 @@ DAHOAS_TEXTS = ("\n\nHuman: Hi there\n\nAssistant:", " Hello.", " Go away.",
 
 
 @pytest.mark.parametrize("name,clean", [("Dahoas/rm-static", "Dahoas_rm_static"),
-                                        ("Dahoas/full-hh-rlhf", "Dahoas_full_hh_rlhf")])
+                                        ("Dahoas/full-hh-rlhf", "Dahoas_full_hh_rlhf"),
+                                        ("remax-demo/helpful-words", "remax_demo_helpful_words")])
 def test_dahoas(tmp_path, name, clean):
     other = dict(DAHOAS_ROW, prompt="\n\nHuman: Bye\n\nAssistant:")
     path = make_dataset(tmp_path, name, [DAHOAS_ROW, other], "test", [other])
@@ -281,4 +282,5 @@ def test_selection_by_substring_in_order():
     assert select("/data/Cohere/miracl-ja-queries-22-12") is raw_datasets.CohereMiracljaqueries2212Dataset
     assert select("/x/mkqa-Japanese") is raw_datasets.MkqaJapaneseDataset
     assert select("/x/lmqg/qag_jaquad") is raw_datasets.LmqgQagjaquadDataset
-    assert len(raw_datasets.SUPPORTED_DATASETS) == 16
+    assert select("/x/remax-demo/helpful-words") is raw_datasets.RemaxDemoHelpfulWordsDataset
+    assert len(raw_datasets.SUPPORTED_DATASETS) == 17

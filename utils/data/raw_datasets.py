@@ -209,6 +209,12 @@ class DahoasFullhhrlhfDataset(DahoasRmStaticDataset):
     dataset_name_clean = "Dahoas_full_hh_rlhf"
 
 
+class RemaxDemoHelpfulWordsDataset(DahoasRmStaticDataset):
+    """The CPU demo's synthetic preference set (utils/data/synthetic.py), rm-static's schema."""
+    dataset_name = "remax-demo/helpful-words"
+    dataset_name_clean = "remax_demo_helpful_words"
+
+
 class QuestionAnswerDataset(PromptRawDataset):
     """prompt = H(question), chosen = " " + answer, rejected = " " + negative (None when absent).
 
@@ -493,6 +499,7 @@ ADAPTERS = (
     LmqgQgjaquadDataset,
     LmqgQagjaquadDataset,
     LocalJsonFileDataset,
+    RemaxDemoHelpfulWordsDataset,
 )
 SUPPORTED_DATASETS = tuple(adapter.dataset_name for adapter in ADAPTERS)
 
