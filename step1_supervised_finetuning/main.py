@@ -3,7 +3,6 @@
     deepspeed main.py --model_name_or_path /models/opt-1.3b --data_path /data/Dahoas/rm-static \
         --output_dir ./output --zero_stage 2
 """
-import math
 import os
 import sys
 
@@ -17,8 +16,8 @@ from utils.model.model_utils import (check_tokenizer_contract, count_parameters,
                                      create_hf_model, load_hf_tokenizer, save_hf_format)
 from utils.module.lora import apply_lora  # noqa: E402
 from utils.perf import throughput_line, training_passes  # noqa: E402
-from utils.training import (MetricsLog, evaluate_perplexity, init_train_engine,  # noqa: E402
-                            make_loader, start_stage, train_supervised)
+from utils.training import (MetricsLog, evaluate_perplexity, init_stage_engine,  # noqa: E402
+                            start_stage, supervised_loaders, train_supervised)
 from utils.utils import print_rank_0  # noqa: E402
 
 
@@ -57,18 +56,10 @@ def main():
         args.local_rank, args.data_path, args.data_split, args.data_output_path, 1,
         args.data_seed, tokenizer, args.max_seq_len, end_of_conversation_token=tokenizer.eos_token,
         sft_only_data_path=args.sft_only_data_path)
-    distributed = world_size > 1
-    train_loader = make_loader(train_data, args.per_device_train_batch_size, default_data_collator,
-                               shuffle=True, distributed=distributed, seed=args.seed)
-    eval_loader = make_loader(eval_data, args.per_device_eval_batch_size, default_data_collator,
-                              shuffle=False, distributed=distributed)
+    train_loader, eval_loader = supervised_loaders(args, train_data, eval_data, default_data_collator,
+                                                   world_size)
 
-    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
-    model = init_train_engine(model, args, ds_config, args.learning_rate, args.weight_decay,
-                              args.lora_learning_rate, args.num_train_epochs * steps_per_epoch,
-                              args.lr_scheduler_type, args.num_warmup_steps)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    model = init_stage_engine(model, args, ds_config, train_loader)
     metrics = MetricsLog(args.output_dir, args.enable_tensorboard)
 
     def evaluate():

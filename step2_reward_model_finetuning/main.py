@@ -4,7 +4,6 @@
     deepspeed main.py --model_name_or_path /models/opt-350m --data_path /data/Dahoas/rm-static \
         --num_padding_at_beginning 1 --output_dir ./output --zero_stage 2
 """
-import math
 import os
 import sys
 
@@ -16,8 +15,8 @@ from utils.model.model_utils import (count_parameters, create_critic_model,  # n
                                      load_hf_tokenizer, save_reward_model)
 from utils.module.lora import apply_lora  # noqa: E402
 from utils.perf import throughput_line, training_passes  # noqa: E402
-from utils.training import (MetricsLog, evaluate_reward, init_train_engine,  # noqa: E402
-                            make_loader, start_stage, train_supervised)
+from utils.training import (MetricsLog, evaluate_reward, init_stage_engine,  # noqa: E402
+                            start_stage, supervised_loaders, train_supervised)
 from utils.utils import print_rank_0  # noqa: E402
 
 
@@ -60,20 +59,10 @@ def main():
     train_data, eval_data = create_prompt_dataset(
         args.local_rank, args.data_path, args.data_split, args.data_output_path, 2,
         args.data_seed, tokenizer, args.max_seq_len, end_of_conversation_token=tokenizer.eos_token)
-    distributed = world_size > 1
-    collator = DataCollatorReward()
-    train_loader = make_loader(train_data, args.per_device_train_batch_size, collator,
-                               shuffle=True, distributed=distributed, seed=args.seed)
-    # Sharded eval, reduced over ranks (the original ran the same batches on every rank).
-    eval_loader = make_loader(eval_data, args.per_device_eval_batch_size, collator,
-                              shuffle=False, distributed=distributed)
+    train_loader, eval_loader = supervised_loaders(args, train_data, eval_data, DataCollatorReward(),
+                                                   world_size)
 
-    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
-    model = init_train_engine(model, args, ds_config, args.learning_rate, args.weight_decay,
-                              args.lora_learning_rate, args.num_train_epochs * steps_per_epoch,
-                              args.lr_scheduler_type, args.num_warmup_steps)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    model = init_stage_engine(model, args, ds_config, train_loader)
     metrics = MetricsLog(args.output_dir, args.enable_tensorboard)
 
     def evaluate():

@@ -66,6 +66,29 @@ def make_loader(dataset, batch_size, collate_fn, shuffle, distributed, seed=0, d
                       drop_last=drop_last)
 
 
+def supervised_loaders(args, train_data, eval_data, collate_fn, world_size):
+    """Stage 1/2 loaders: a shuffled train shard per rank and a sharded, ordered eval (reduced over
+    ranks by the evaluations; the original's stage-2 eval ran the same batches on every rank)."""
+    distributed = world_size > 1
+    train = make_loader(train_data, args.per_device_train_batch_size, collate_fn, shuffle=True,
+                        distributed=distributed, seed=args.seed)
+    evaluation = make_loader(eval_data, args.per_device_eval_batch_size, collate_fn,
+                             shuffle=False, distributed=distributed)
+    return train, evaluation
+
+
+def init_stage_engine(model, args, ds_config, train_loader):
+    """The stage 1/2 engine: schedule over every optimizer step of the run, then (after
+    initialisation, as the original) gradient checkpointing when asked."""
+    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    engine = init_train_engine(model, args, ds_config, args.learning_rate, args.weight_decay,
+                               args.lora_learning_rate, args.num_train_epochs * steps_per_epoch,
+                               args.lr_scheduler_type, args.num_warmup_steps)
+    if args.gradient_checkpointing:
+        engine.gradient_checkpointing_enable()
+    return engine
+
+
 def set_loader_epoch(loader, epoch):
     if isinstance(getattr(loader, "sampler", None), DistributedSampler):
         loader.sampler.set_epoch(epoch)
