@@ -4,7 +4,6 @@ import os
 import random
 import shutil
 import socket
-import time
 
 import numpy as np
 import torch
@@ -21,9 +20,6 @@ def get_world_size():
         return torch.distributed.get_world_size()
     return int(os.environ.get("WORLD_SIZE", 1))
 
-
-def is_rank_0():
-    return get_rank() == 0
 
 
 def print_rank_0(msg, rank=None):
@@ -91,19 +87,6 @@ def barrier():
         torch.distributed.barrier()
 
 
-def all_reduce_mean(value):
-    """Mean of a float (or 0-d tensor) over ranks; returns a Python float. Does not mutate its input."""
-    tensor = torch.tensor(float(value), dtype=torch.float64)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        from deepspeed import get_accelerator
-
-        device = get_accelerator().current_device_name()
-        tensor = tensor.to(device)
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-        tensor = tensor / torch.distributed.get_world_size()
-    return tensor.item()
-
-
 def all_reduce_sum(values):
     """Element-wise sum of a list of floats over ranks; returns a list of floats."""
     tensor = torch.tensor([float(v) for v in values], dtype=torch.float64)
@@ -113,16 +96,6 @@ def all_reduce_sum(values):
         tensor = tensor.to(get_accelerator().current_device_name())
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
     return tensor.cpu().tolist()
-
-
-def all_reduce_max(value):
-    tensor = torch.tensor(float(value), dtype=torch.float64)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        from deepspeed import get_accelerator
-
-        tensor = tensor.to(get_accelerator().current_device_name())
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-    return tensor.item()
 
 
 def save_args(args, output_dir):
@@ -151,14 +124,3 @@ def save_code(output_dir):
     if os.path.exists(target):
         shutil.rmtree(target)
     shutil.copytree(root, target, ignore=shutil.ignore_patterns(*_CODE_IGNORE))
-
-
-class Timer:
-    """Wall-clock stopwatch: `with Timer() as t: ...; t.seconds`."""
-
-    def __enter__(self):
-        self.start = time.time()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.time() - self.start

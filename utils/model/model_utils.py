@@ -4,7 +4,6 @@ Tokenizer contract (every family): pad token == eos token, right padding. The or
 name stored in `config.json` and built the tokenizer from the hub (fails offline and for models of
 your own); we read the tokenizer files of the model directory itself.
 """
-import json
 import math
 import os
 import time
@@ -173,10 +172,6 @@ def count_parameters(model):
     """Parameter count, ZeRO-3 aware (partitioned params report their full size in ds_numel)."""
     return sum(getattr(p, "ds_numel", p.numel()) for p in unwrap(model).parameters())
 
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 # ----------------------------------------------------------------------------- reward models
