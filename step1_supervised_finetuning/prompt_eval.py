@@ -1,4 +1,4 @@
-"""Compare a baseline and a fine-tuned causal LM on six fixed prompts (SPEC §11.1).
+"""Compare a baseline and a fine-tuned causal LM on six fixed prompts.
 
     python prompt_eval.py --model_name_or_path_baseline /models/facebook/opt-1.3b \
         --model_name_or_path_finetune ./log/step1_sft-facebook_opt-1.3b-... --language English

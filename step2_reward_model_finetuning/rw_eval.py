@@ -1,4 +1,4 @@
-"""Score answers with a trained reward model (SPEC §11.2).
+"""Score answers with a trained reward model.
 
     python rw_eval.py --model_name_or_path ./log/step2_reward-facebook_opt-350m-... \
         --num_padding_at_beginning 1 [--data_path /data/Dahoas/rm-static]
@@ -8,8 +8,8 @@ With --prompt and --answer: the score of that one answer (the original's unused 
 With --data_path: accuracy and mean chosen / rejected scores on the phase-2 eval split of the data
 (the split stage 2 evaluated on, given the same --data_split, --data_seed and --max_seq_len).
 
-Runs as a plain `python` process: the original crashed without a process group (SPEC §13.1 item 22);
-nothing here needs one. The device comes from DeepSpeed's accelerator (the original: cuda:0).
+Runs as a plain `python` process: the original crashed without a process group; nothing here
+needs one. The device comes from DeepSpeed's accelerator (the original: cuda:0).
 """
 import argparse
 import os

@@ -9,7 +9,6 @@ import os
 
 import torch
 
-from remax_math import answer_lengths, masked_mean_from
 from utils.training import evaluate_perplexity
 from utils.utils import all_reduce_sum, get_rank
 
@@ -18,7 +17,8 @@ EVAL_KEYS = ("reward", "greedy_reward", "length", "greedy_length", "kl", "entrop
 
 @torch.no_grad()
 def evaluate_policy(trainer, eval_loader, ppl_loader, args, global_step, device):
-    """Mean over at most `args.eval_batches` prompt batches per rank (and all ranks)."""
+    """Mean over at most `args.eval_batches` prompt batches per rank (and all ranks) of one sampled
+    and one greedy answer per prompt, whatever the algorithm, and the perplexity."""
     sums = dict.fromkeys(EVAL_KEYS, 0.0)
     batches = 0
     answers = []
@@ -26,21 +26,12 @@ def evaluate_policy(trainer, eval_loader, ppl_loader, args, global_step, device)
         if i >= args.eval_batches:
             break
         prompts = batch["prompt"].to(device)
-        exp = trainer.generate_experience(prompts, batch["prompt_att_mask"].to(device),
-                                          step=i, print_answers=False, training_mode=True)
-        start = prompts.size(1) - 1
-        mask = exp["attention_mask"]
-        sums["reward"] += exp["rewards"].mean().item()
-        sums["greedy_reward"] += exp["baseline_rewards"].mean().item()
-        sums["length"] += answer_lengths(mask, prompts.size(1)).mean().item()
-        sums["greedy_length"] += exp["stats"]["greedy_length"]
-        sums["kl"] += masked_mean_from(exp["full_kl"], mask, start).item()
-        sums["entropy"] += masked_mean_from(exp["entropy"], mask, start).item()
-        sums["truncated"] += exp["stats"]["truncated"]
+        exp, stats = trainer.evaluation_experience(prompts, batch["prompt_att_mask"].to(device))
+        for key in EVAL_KEYS:
+            sums[key] += stats[key]
         batches += 1
         if args.save_answers and i < 10:
             answers += decode_answers(trainer.tokenizer, exp, prompts.size(1), global_step)
-    trainer.actor.train()
     totals = all_reduce_sum([sums[k] for k in EVAL_KEYS] + [batches])
     count = max(totals[-1], 1.0)
     report = {k: v / count for k, v in zip(EVAL_KEYS, totals[:-1])}

@@ -1,10 +1,10 @@
-"""Stage 3: RLHF with ReMax — REINFORCE with the greedy answer's reward as the baseline.
+"""Stage 3: RLHF — ReMax (REINFORCE with the greedy answer's reward as the baseline) and, in the
+same engine, the baselines users compare it with: PPO (DeepSpeed-Chat's, with a critic), RLOO, GRPO.
 
-    deepspeed main.py --actor_model_name_or_path ./step1_output \
+    deepspeed main.py --algo remax --actor_model_name_or_path ./step1_output \
         --reward_model_name_or_path ./step2_output --data_path /data/Dahoas/rm-static \
         --actor_zero_stage 2 --reward_zero_stage 3 --reference_zero_stage 3 --output_dir ./output
 """
-import math
 import os
 import sys
 import time
@@ -13,28 +13,30 @@ sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from transformers import default_data_collator  # noqa: E402
 
+from algorithms import ALGORITHMS, AlgorithmSettings  # noqa: E402
 from evaluation import evaluate_policy  # noqa: E402
-from remax_trainer import ReMaxTrainer  # noqa: E402
 from rlhf_engine import RLHFEngine  # noqa: E402
+from rounds import (StepLog, collect_experience, make_schedule, reduce_means,  # noqa: E402
+                    training_rounds, update_flops)
 from train_state import TrainState  # noqa: E402
+from trainer import PolicyTrainer, RolloutSettings  # noqa: E402
 from utils import arguments  # noqa: E402
-from utils.data.data_utils import (DataCollatorRLHF, MiniDataset,  # noqa: E402
-                                   create_prompt_dataset, get_unsupervised_data)
-from utils.model.model_utils import load_hf_tokenizer, save_hf_format, unwrap  # noqa: E402
-from utils.perf import calculate_flops, training_passes  # noqa: E402
-from utils.training import (MetricsLog, NonFiniteGuard, interval, make_loader,  # noqa: E402
-                            progress, record_run, set_loader_epoch)
-from utils.utils import (all_reduce_sum, init_distributed, print_rank_0,  # noqa: E402
-                         set_random_seed, to_device)
-
-STEP_METRICS = ("reward", "baseline_reward", "advantage", "return", "max_return", "kl_ratio", "kl",
-                "max_kl", "entropy", "actor_loss", "unsup_loss", "length", "greedy_length",
-                "truncated", "greedy_truncated")
+from utils.data.data_utils import (DataCollatorRLHF, create_prompt_dataset,  # noqa: E402
+                                   get_unsupervised_data)
+from utils.model.model_utils import (load_hf_tokenizer, save_hf_format,  # noqa: E402
+                                     save_reward_model, unwrap)
+from utils.training import MetricsLog, NonFiniteGuard, interval, make_loader, record_run  # noqa: E402
+from utils.utils import init_distributed, print_rank_0, set_random_seed  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = arguments.new_parser("Stage 3: RLHF with ReMax")
-    parser.add_argument("--algo", type=str, default="remax", choices=["remax"])
+    parser = arguments.new_parser("Stage 3: RLHF with ReMax (or PPO, RLOO, GRPO)")
+    parser.add_argument("--algo", type=str, default="remax", choices=sorted(ALGORITHMS),
+                        help="remax: greedy-baseline REINFORCE; ppo: DeepSpeed-Chat's PPO with a "
+                             "critic; rloo: leave-one-out baseline; grpo: group-normalised.")
+    parser.add_argument("--num_samples_per_prompt", type=int, default=None,
+                        help="Sampled answers per prompt (default: 1 for remax and ppo, 2 for rloo "
+                             "and grpo; ReMax's k samples share one greedy baseline).")
     arguments.add_data_args(parser)
     parser.add_argument("--unsupervised_dataset_name", type=str, default=None,
                         help="A local corpus (file or directory) for the pretraining mix.")
@@ -48,7 +50,8 @@ def parse_args(argv=None):
     parser.add_argument("--per_device_eval_batch_size", type=int, default=16)
     parser.add_argument("--generation_batches", type=int, default=1,
                         help="Prompt batches whose experience makes one actor update.")
-    parser.add_argument("--ppo_epochs", type=int, default=1, help="Kept for script compatibility.")
+    parser.add_argument("--ppo_epochs", type=int, default=1,
+                        help="Passes (optimizer steps) over each update's experience.")
     parser.add_argument("--max_prompt_seq_len", type=int, default=256)
     parser.add_argument("--max_answer_seq_len", type=int, default=256)
     parser.add_argument("--actor_learning_rate", type=float, default=9.65e-6)
@@ -77,8 +80,15 @@ def parse_args(argv=None):
     parser.add_argument("--actor_gradient_checkpointing", action="store_true")
     parser.add_argument("--disable_actor_dropout", action="store_true")
     parser.add_argument("--disable_reward_dropout", action="store_true")
-    # ReMax
-    parser.add_argument("--gamma", type=float, default=0.95, help="Discount of the reward.")
+    add_critic_args(parser)
+    # the algorithms
+    parser.add_argument("--gamma", type=float, default=None,
+                        help="Discount (default: 0.95 for remax and rloo, 1.0 for ppo and grpo).")
+    parser.add_argument("--lam", type=float, default=0.95, help="GAE λ (ppo).")
+    parser.add_argument("--cliprange", type=float, default=0.2, help="Ratio clip ε (ppo, grpo).")
+    parser.add_argument("--cliprange_value", type=float, default=0.2, help="Value clip (ppo).")
+    parser.add_argument("--kl_loss_coef", type=float, default=0.04,
+                        help="Coefficient of GRPO's KL-to-reference loss term.")
     parser.add_argument("--penalty", type=str, default="kl",
                         choices=["kl", "full_kl", "kl_onestep", "full_kl_onestep"],
                         help="Unused, as in the original: the penalty is the per-token log-ratio.")
@@ -89,7 +99,8 @@ def parse_args(argv=None):
     parser.add_argument("--normalize_kl", action="store_true", help="Unused, as in the original.")
     parser.add_argument("--entropy_coef", type=float, default=0.0,
                         help="Unused, as in the original (entropy is only logged).")
-    parser.add_argument("--clip_reward_value", type=float, default=5.0)
+    parser.add_argument("--clip_reward_value", type=float, default=5.0,
+                        help="The score (minus the baseline) is clipped to ±this (remax, rloo, ppo).")
     # LoRA, EMA, logging
     arguments.add_lora_args(parser, prefix="actor_")
     parser.add_argument("--enable_ema", action="store_true")
@@ -110,7 +121,39 @@ def parse_args(argv=None):
     return args
 
 
+def add_critic_args(parser):
+    """PPO's critic, with DeepSpeed-Chat's flag names (ignored by the other algorithms)."""
+    group = parser.add_argument_group("critic (ppo)")
+    group.add_argument("--critic_model_name_or_path", type=str, default=None,
+                       help="A reward-model checkpoint to start the critic from (default: the "
+                            "reward model).")
+    group.add_argument("--critic_zero_stage", type=int, default=0, choices=[0, 1, 2, 3])
+    group.add_argument("--critic_learning_rate", type=float, default=5e-6)
+    group.add_argument("--critic_weight_decay", type=float, default=0.0)
+    group.add_argument("--critic_gradient_checkpointing", action="store_true")
+    group.add_argument("--critic_lora_dim", type=int, default=0)
+    group.add_argument("--critic_lora_module_name", type=str, default="decoder.layers.")
+    group.add_argument("--critic_lora_learning_rate", type=float, default=5e-4)
+    group.add_argument("--disable_critic_dropout", action="store_true")
+
+
 def check_args(parser, args):
+    """Flag checks that need no model; fills the per-algorithm defaults."""
+    algorithm = ALGORITHMS[args.algo]
+    if args.num_samples_per_prompt is None:
+        args.num_samples_per_prompt = algorithm.rollout.samples
+    if args.num_samples_per_prompt < algorithm.rollout.min_samples:
+        parser.error(f"--algo {args.algo} needs --num_samples_per_prompt >= "
+                     f"{algorithm.rollout.min_samples}, got {args.num_samples_per_prompt}")
+    if args.gamma is None:
+        args.gamma = algorithm.gamma
+    if args.critic_model_name_or_path is None:
+        args.critic_model_name_or_path = args.reward_model_name_or_path
+    for flag in ("ppo_epochs", "generation_batches", "per_device_generation_batch_size",
+                 "per_device_training_batch_size", "per_device_eval_batch_size",
+                 "max_answer_seq_len"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.gradient_accumulation_steps != 1:
         parser.error("--gradient_accumulation_steps must be 1 in stage 3 (use --generation_batches)")
     if args.inference_tp_size > 1 and args.actor_zero_stage != 3:
@@ -156,18 +199,30 @@ def create_datasets(args, tokenizer, world_size):
     return train_loader, eval_loader, ppl_loader, unsup_loader
 
 
-def micro_batches_per_update(args):
-    """K: micro-batches whose gradients make one actor step (twice as many with the mix)."""
-    k = args.generation_batches * math.ceil(args.per_device_generation_batch_size /
-                                            args.per_device_training_batch_size)
-    return k * (2 if args.unsupervised_dataset_name else 1)
+def algorithm_settings(args):
+    return AlgorithmSettings(gamma=args.gamma, lam=args.lam, kl_ctl=args.kl_ctl,
+                             clip_reward_value=args.clip_reward_value, cliprange=args.cliprange,
+                             cliprange_value=args.cliprange_value, kl_loss_coef=args.kl_loss_coef,
+                             group_size=args.num_samples_per_prompt)
 
 
-def save_actor(engine, tokenizer, args):
+def rollout_settings(args, world_size):
+    return RolloutSettings(max_answer_seq_len=args.max_answer_seq_len,
+                           num_samples_per_prompt=args.num_samples_per_prompt,
+                           ppo_epochs=args.ppo_epochs, unsup_coef=args.unsup_coef,
+                           synced_gpus=args.actor_zero_stage == 3 and world_size > 1)
+
+
+def save_models(engine, tokenizer, args):
+    """The actor (and EMA) in the Hugging Face layout; PPO's critic in the reward-model layout,
+    which rw_eval.py and a later stage 3 read."""
     print_rank_0("saving model ...")
     save_hf_format(engine.actor, tokenizer, args.output_dir, "actor")
     if engine.actor_ema is not None:
         save_hf_format(engine.actor_ema, tokenizer, args.output_dir, "actor_ema")
+    if engine.critic is not None:
+        save_reward_model(engine.critic, tokenizer, os.path.join(args.output_dir, "critic"),
+                          args.num_padding_at_beginning)
 
 
 def evaluate_and_log(trainer, eval_loader, ppl_loader, args, state, metrics, device):
@@ -178,131 +233,78 @@ def evaluate_and_log(trainer, eval_loader, ppl_loader, args, state, metrics, dev
     return report
 
 
-def update_flops(args, config, world_size):
-    """(training, generation) FLOPs of one update, the original's Megatron-formula estimate at the
-    full sequence length; generation counts both the sampled and the greedy pass."""
-    seq_len = args.max_prompt_seq_len + args.max_answer_seq_len
-    batch = args.per_device_generation_batch_size * args.generation_batches * world_size
-    passes = training_passes(args.actor_gradient_checkpointing, args.actor_lora_dim,
-                             config.hidden_size)
-    return (calculate_flops(passes, batch, seq_len, config),
-            2 * calculate_flops(1, batch, seq_len, config))
+def evaluation_due(state, eval_every):
+    return state.global_step % eval_every == 0
 
 
-def log_step(sums, k, timing, args, state, metrics, num_updates, world_size, flops):
-    means = dict(zip(STEP_METRICS, (v / k for v in all_reduce_sum([sums.get(m, 0.0)
-                                                                     for m in STEP_METRICS]))))
-    means = {m: v / world_size for m, v in means.items()}
-    gen_s, train_s = timing
-    e2e = gen_s + train_s
-    train_flops, gen_flops = flops
-    tflops = lambda f, sec: f / max(sec, 1e-9) / world_size / 1e12  # noqa: E731  per device
-    tokens = args.per_device_generation_batch_size * args.generation_batches * world_size * (
-        means["length"] + means["greedy_length"])
-    print_rank_0(
-        f"Epoch: {state.epoch + 1}/{args.num_train_epochs} | Step: {state.global_step}/"
-        f"{num_updates} | Actor Loss: {means['actor_loss']:.4f} | "
-        f"Unsupervised Loss: {means['unsup_loss']:.4f}\n"
-        f"Average reward score: {means['reward']:.4f} | baseline (greedy) reward: "
-        f"{means['baseline_reward']:.4f} | Average return: {means['return']:.4f} | "
-        f"Average length: {means['length']:.1f} (greedy {means['greedy_length']:.1f}, truncated "
-        f"{means['truncated']:.2f}) | Average kl: {means['kl']:.4f} | Average entropy: "
-        f"{means['entropy']:.4f} | Max kl: {means['max_kl']:.4f} | Max return: "
-        f"{means['max_return']:.4f} | KL ratio: {means['kl_ratio']:.4f}\n"
-        f"End-to-End => Latency: {e2e:.2f}s, TFLOPs: {tflops(train_flops + gen_flops, e2e):.2f} | "
-        f"Generation: {gen_s:.2f}s ({tokens / max(gen_s, 1e-9):.1f} answer tokens/s, TFLOPs: "
-        f"{tflops(gen_flops, gen_s):.2f}) | Training: {train_s:.2f}s (TFLOPs: "
-        f"{tflops(train_flops, train_s):.2f})\n"
-        + "-" * 85)
-    metrics.log(state.global_step, epoch=state.epoch,
-                **{f"train/{m}": v for m, v in means.items()},
-                **{"train/generation_seconds": gen_s, "train/training_seconds": train_s,
-                   "train/e2e_seconds": e2e,
-                   "train/answer_tokens_per_second": tokens / max(gen_s, 1e-9)})
+def should_stop(state, args):
+    """Early stop on the all-reduced eval KL (the original broke only the inner loop), or the
+    test-mode step count."""
+    if state.last_eval_kl is not None and state.last_eval_kl >= args.target_kl:
+        print_rank_0(f"**** Early stop at {state.global_step} due to KL = {state.last_eval_kl} "
+                     f"> Target KL ({args.target_kl}) ****")
+        state.early_stopped = True
+        return True
+    return args.enable_test_mode and state.non_overflow_steps == args.test_stop_step
 
 
 def main():
     args = parse_args()
+    algorithm = ALGORITHMS[args.algo]
     if args.enable_tensorboard:
         args.tensorboard_path = args.output_dir
     device, args.global_rank, world_size = init_distributed(args.local_rank)
-    args.gradient_accumulation_steps_actor = micro_batches_per_update(args)
     set_random_seed(args.seed)
     record_run(args)
 
     tokenizer = load_hf_tokenizer(args.actor_model_name_or_path)
     train_loader, eval_loader, ppl_loader, unsup_loader = create_datasets(args, tokenizer,
                                                                           world_size)
-    num_updates = len(train_loader) // args.generation_batches
-    if unsup_loader is not None:
-        num_updates = min(num_updates, len(unsup_loader) // args.generation_batches)
-    # One optimizer step per update (the original's horizon assumed gen_bs/train_bs · ppo_epochs).
-    engine = RLHFEngine(args, tokenizer, args.num_train_epochs * num_updates, world_size)
+    schedule = make_schedule(args, args.num_samples_per_prompt, train_loader, unsup_loader)
+    engine = RLHFEngine(args, tokenizer, schedule.optimizer_steps, schedule.micro_batches,
+                        world_size, with_critic=algorithm.critic)
     if args.enable_mixed_precision_lora:
         engine.actor.optimizer.quantize_nontrainable_params()
         print_rank_0("Mixed Precision ZeRO++ enabled")
-    trainer = ReMaxTrainer(engine, args)
+    trainer = PolicyTrainer(engine, algorithm, algorithm_settings(args),
+                            rollout_settings(args, world_size))
     metrics = MetricsLog(args.output_dir, args.enable_tensorboard)
+    log_step = StepLog(args, metrics, world_size,
+                       update_flops(args, unwrap(engine.actor).config, args.num_samples_per_prompt,
+                                    algorithm.rollout.greedy_baseline, world_size),
+                       schedule.total_updates)
     state = TrainState()
-    flops = update_flops(args, unwrap(engine.actor).config, world_size)
+    guard = NonFiniteGuard()
+    eval_every = interval(schedule.updates_per_epoch, args.evals_per_epoch)
 
-    print_rank_0("***** Running training *****")
+    print_rank_0(f"***** Running training: {args.algo}, {args.num_samples_per_prompt} sampled "
+                 f"answer(s) per prompt{' + greedy baseline' if algorithm.rollout.greedy_baseline else ''} *****")
     print_rank_0(f"***** Evaluating policy, Epoch 1/{args.num_train_epochs} *****")
     evaluate_and_log(trainer, eval_loader, ppl_loader, args, state, metrics, device)
-    eval_every = interval(num_updates, args.evals_per_epoch)
-    guard = NonFiniteGuard()
-    for state.epoch in range(state.epoch, args.num_train_epochs):
-        print_rank_0(f"Beginning of Epoch {state.epoch + 1}/{args.num_train_epochs}, "
-                     f"Total Generation Batches {len(train_loader)}")
-        set_loader_epoch(train_loader, state.epoch)
-        unsup_iter = iter(unsup_loader) if unsup_loader is not None else None
-        exp_buffer = MiniDataset(args.generation_batches, args.per_device_training_batch_size)
-        unsup_buffer = MiniDataset(args.generation_batches, args.per_device_training_batch_size)
-        generate_seconds, round_stats = 0.0, {}
-        bar = progress(train_loader, f"remax epoch {state.epoch + 1}", total=len(train_loader))
-        for batch_index, batch in enumerate(bar):
-            if batch_index >= num_updates * args.generation_batches:
-                break
-            batch = to_device(batch, device)
-            exp = trainer.generate_experience(
-                batch["prompt"], batch["prompt_att_mask"], state.global_step,
-                print_answers=args.print_answers and state.global_step % 20 == 0)
-            generate_seconds += trainer.generate_time
-            for key, value in exp.pop("stats").items():
-                round_stats[key] = round_stats.get(key, 0.0) + value / args.generation_batches
-            experiences = exp_buffer.add(exp)
-            unsup_batches = None
-            if unsup_iter is not None:
-                unsup_batches = unsup_buffer.add(to_device(next(unsup_iter), device))
-            if experiences is None:
-                continue
-            start = time.time()
-            sums = trainer.train_step(experiences, unsup_batches)
-            guard.check(sums["actor_loss"], f"update {state.global_step}")
-            sums.update({key: value * len(experiences) for key, value in round_stats.items()})
-            log_step(sums, len(experiences), (generate_seconds, time.time() - start), args,
-                     state, metrics, num_updates * args.num_train_epochs, world_size, flops)
-            generate_seconds, round_stats = 0.0, {}
-            state.global_step += 1
-            if not trainer.overflowed():
-                state.non_overflow_steps += 1
-            bar.set_postfix(reward=f"{sums['reward'] / len(experiences):.3f}")
-            if state.global_step % eval_every == 0:
-                print_rank_0(f"***** Evaluating policy, Epoch {state.epoch + 1}/"
-                             f"{args.num_train_epochs} Step {state.global_step} *****")
-                report = evaluate_and_log(trainer, eval_loader, ppl_loader, args, state, metrics,
-                                          device)
-                if state.is_best(report["reward"]):
-                    save_actor(engine, tokenizer, args)
-            # Early stop on the all-reduced eval KL; the original broke only the inner loop.
-            if state.last_eval_kl is not None and state.last_eval_kl >= args.target_kl:
-                print_rank_0(f"**** Early stop at {state.global_step} due to KL = "
-                             f"{state.last_eval_kl} > Target KL ({args.target_kl}) ****")
-                state.early_stopped = True
-                break
-            if args.enable_test_mode and state.non_overflow_steps == args.test_stop_step:
-                break
-        if state.early_stopped or args.enable_test_mode:
+    for prompt_batches, unsup_batches in training_rounds(train_loader, unsup_loader, args,
+                                                         schedule.updates_per_epoch, state):
+        round_start = time.time()
+        experiences, unsup, stats, seconds = collect_experience(
+            trainer, prompt_batches, unsup_batches, args.per_device_training_batch_size, device,
+            state.global_step, args.print_answers and state.global_step % 20 == 0)
+        train_start = time.time()
+        train_means = trainer.train_step(experiences, unsup)
+        seconds.update(training=time.time() - train_start, e2e=time.time() - round_start)
+        means = reduce_means({**stats, **train_means}, world_size)
+        # Decided on the all-reduced loss, so every rank stops together.
+        guard.check(means["actor_loss"], f"update {state.global_step}")
+        log_step(means, seconds, state)
+        state.global_step += 1
+        if not trainer.overflowed():
+            state.non_overflow_steps += 1
+        if evaluation_due(state, eval_every):
+            print_rank_0(f"***** Evaluating policy, Epoch {state.epoch + 1}/"
+                         f"{args.num_train_epochs} Step {state.global_step} *****")
+            report = evaluate_and_log(trainer, eval_loader, ppl_loader, args, state, metrics,
+                                      device)
+            if state.is_best(report["reward"]):
+                save_models(engine, tokenizer, args)
+        if should_stop(state, args):
             break
 
     if not state.early_stopped or args.save_at_final:
@@ -310,7 +312,7 @@ def main():
         report = evaluate_and_log(trainer, eval_loader, ppl_loader, args, state, metrics, device)
         # The original compared with None here when no periodic evaluation had run (TypeError).
         if state.is_best(report["reward"]) or args.save_at_final:
-            save_actor(engine, tokenizer, args)
+            save_models(engine, tokenizer, args)
     metrics.close()
     print_rank_0(f"done: {state.global_step} updates; best eval reward {state.best_eval_reward}")
 

@@ -1,8 +1,9 @@
 """The stage-3 models, one DeepSpeed engine each: actor (trained), reference (frozen SFT copy),
-reward (frozen stage-2 model) and the optional EMA of the actor. No value model: ReMax needs none.
+reward (frozen stage-2 model), the optional EMA of the actor and, for PPO only, the critic (trained,
+initialised from the reward model). ReMax, RLOO and GRPO build no value model.
 
-Only the actor has gradients and optimizer states, so ZeRO 1/2 mean nothing for the frozen models:
-they run at ZeRO 0 or, to save memory, ZeRO 3 (parameter partitioning, optionally offloaded).
+Only the trained models have gradients and optimizer states, so ZeRO 1/2 mean nothing for the
+frozen ones: they run at ZeRO 0 or, to save memory, ZeRO 3 (partitioning, optionally offloaded).
 """
 import time
 
@@ -32,17 +33,24 @@ def frozen_model_stage(requested, name):
 
 
 class RLHFEngine:
-    """Builds actor, reference, reward (and EMA) engines from the parsed stage-3 arguments."""
+    """Builds actor, reference, reward (EMA, critic) engines from the parsed stage-3 arguments.
 
-    def __init__(self, args, tokenizer, num_total_iters, world_size):
+    num_total_iters: optimizer steps of the whole run (the LR schedule's horizon);
+    micro_batches: micro-batches whose gradients make one optimizer step (actor, critic), and the
+    actor's again with the pretraining mix.
+    """
+
+    def __init__(self, args, tokenizer, num_total_iters, micro_batches, world_size, with_critic):
         self.args = args
         self.tokenizer = tokenizer
         self.world_size = world_size
+        self.micro_batches = micro_batches
         self.actor = self._timed("Actor", lambda: self._init_actor(num_total_iters))
         self.ref = self._timed("Ref", self._init_ref)
         self.actor_ema = self._timed("EMA", self._init_ema) if args.enable_ema else None
+        self.critic = self._timed("Critic", lambda: self._init_critic(num_total_iters)) \
+            if with_critic else None
         self.reward = self._timed("Reward", self._init_reward)
-        self.critic = None  # ReMax trains no value model
 
     @staticmethod
     def _timed(name, build):
@@ -70,21 +78,47 @@ class RLHFEngine:
             enable_mixed_precision_lora=args.enable_mixed_precision_lora, bf16=args.actor_bf16,
             memory_efficient_linear=args.memory_efficient_linear,
             tb_path=args.tensorboard_path, tb_name="")
-        self._batch_sizes(config, args.gradient_accumulation_steps_actor)
+        self._batch_sizes(config, self.micro_batches.actor)
         model = create_hf_model(AutoModelForCausalLM, args.actor_model_name_or_path,
                                 self.tokenizer, config, disable_dropout=args.disable_actor_dropout)
         check_tokenizer_contract(self.tokenizer, model.config, "actor")
         apply_lora(model, args.actor_lora_dim, args.actor_lora_module_name,
                    args.only_optimize_lora, flag_name="--actor_lora_module_name")
-        return init_train_engine(model, args, config, args.actor_learning_rate,
-                                 args.actor_weight_decay, args.actor_lora_learning_rate,
-                                 num_total_iters, args.lr_scheduler_type, args.num_warmup_steps)
+        engine = init_train_engine(model, args, config, args.actor_learning_rate,
+                                   args.actor_weight_decay, args.actor_lora_learning_rate,
+                                   num_total_iters, args.lr_scheduler_type, args.num_warmup_steps)
+        # Once for the run: it acts only on training forwards with gradients (the original switched
+        # it on and off at every update, and each switch-on adds a hook in transformers 5).
+        if args.actor_gradient_checkpointing:
+            unwrap(engine).gradient_checkpointing_enable()
+        return engine
+
+    def _init_critic(self, num_total_iters):
+        """PPO's value model: a reward-model-layout checkpoint (by default the reward model itself)
+        trained with its own engine, flags named as in DeepSpeed-Chat."""
+        args = self.args
+        config = get_train_ds_config(offload=args.offload, stage=args.critic_zero_stage,
+                                     enable_tensorboard=args.enable_tensorboard,
+                                     bf16=args.actor_bf16, tb_path=args.tensorboard_path,
+                                     tb_name="")
+        self._batch_sizes(config, self.micro_batches.critic)
+        model = create_critic_model(args.critic_model_name_or_path, self.tokenizer, config,
+                                    args.num_padding_at_beginning, rlhf_training=True,
+                                    disable_dropout=args.disable_critic_dropout)
+        apply_lora(model, args.critic_lora_dim, args.critic_lora_module_name,
+                   args.only_optimize_lora, flag_name="--critic_lora_module_name")
+        engine = init_train_engine(model, args, config, args.critic_learning_rate,
+                                   args.critic_weight_decay, args.critic_lora_learning_rate,
+                                   num_total_iters, args.lr_scheduler_type, args.num_warmup_steps)
+        if args.critic_gradient_checkpointing:
+            unwrap(engine).gradient_checkpointing_enable()
+        return engine
 
     def _frozen_actor_copy(self, lora):
         args = self.args
         stage = frozen_model_stage(args.reference_zero_stage, "reference")
         config = get_eval_ds_config(args.offload_reference_model, stage, bf16=args.actor_bf16)
-        self._batch_sizes(config, args.gradient_accumulation_steps_actor)
+        self._batch_sizes(config, self.micro_batches.actor)
         model = create_hf_model(AutoModelForCausalLM, args.actor_model_name_or_path,
                                 self.tokenizer, config)
         if lora:

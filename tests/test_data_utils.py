@@ -1,4 +1,4 @@
-"""Split indices, per-phase tokenisation, the array cache, collators and MiniDataset (SPEC §3.2-3.8)."""
+"""Split indices, per-phase tokenisation, the array cache, collators and MiniDataset."""
 import argparse
 import json
 import os
@@ -50,7 +50,7 @@ def ids_of(tok, text):
 
 
 # ---------------------------------------------------------------------------------------------
-# Split indices (§3.3)
+# Split indices
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("data_split,size,expected", [
@@ -66,7 +66,7 @@ def test_split_boundaries_by_hand(data_split, size, expected):
 
 
 def reference_split(data_split, part, size, seed):
-    """Straight transcription of the original's numpy procedure (§3.3)."""
+    """Straight transcription of the original's numpy procedure."""
     proportions = [float(s) for s in data_split.split(",")]
     proportions = [p / sum(proportions) for p in proportions]
     index = [0]
@@ -98,7 +98,7 @@ def test_split_depends_on_seed_and_shuffle_dtype():
 
 
 # ---------------------------------------------------------------------------------------------
-# Tokenisation (§3.5)
+# Tokenisation
 # ---------------------------------------------------------------------------------------------
 
 def test_sft_labels_by_hand():
@@ -182,7 +182,7 @@ def test_pad_must_equal_eos(tiny_llama_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# create_prompt_dataset and the cache (§3.4)
+# create_prompt_dataset and the cache
 # ---------------------------------------------------------------------------------------------
 
 def write_jsonfile(root, n_train=20, n_eval=10, tag=""):
@@ -304,7 +304,7 @@ def test_missing_dataset_fails_before_building(tmp_path, opt_tok):
 
 
 # ---------------------------------------------------------------------------------------------
-# Collators (§3.6) and MiniDataset (§3.7)
+# Collators and MiniDataset
 # ---------------------------------------------------------------------------------------------
 
 def test_data_collator_reward():
@@ -340,7 +340,7 @@ def test_mini_dataset():
 
 
 # ---------------------------------------------------------------------------------------------
-# Unsupervised data (§3.8)
+# Unsupervised data
 # ---------------------------------------------------------------------------------------------
 
 def test_unsupervised_data_blocks(tmp_path, opt_tok):

@@ -236,7 +236,7 @@ def test_rw_eval_prompt_needs_answer(rw_eval, reward_model_dir):
 @pytest.mark.slow
 def test_rw_eval_as_a_script_without_process_group(rw_eval, reward_model_dir, preference_data,
                                                     tmp_path):
-    """SPEC §13.1 item 22: the original crashed here without a process group."""
+    """rw_eval.py runs as a plain python process (the original crashed without a process group)."""
     stdout = run_python(RW_EVAL, rw_eval_args(reward_model_dir, preference_data, tmp_path / "cache"),
                         cwd=tmp_path)
     check_rw_eval_output(stdout, rw_eval, reward_model_dir, preference_data, str(tmp_path / "cache"),

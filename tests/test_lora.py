@@ -1,4 +1,5 @@
-"""LoRA layers (SPEC §6) and the non-mutating merged export (fix of §13.1 item 13)."""
+"""LoRA layers, and a merged export that leaves the training model untouched (the original fused
+in place)."""
 import os
 import subprocess
 import sys

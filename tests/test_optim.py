@@ -1,4 +1,4 @@
-"""Parameter groups (SPEC §4.5, with the norm-decay fix of §13.1 item 15), optimizer choice, scheduler."""
+"""Parameter groups (biases and every norm weight not decayed), optimizer choice, scheduler."""
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM

@@ -1,4 +1,4 @@
-"""Dataset adapters (SPEC §3.1) on a few rows written in each hub dataset's own file layout."""
+"""Dataset adapters on a few rows written in each hub dataset's own file layout."""
 import json
 import os
 

@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from remax_math import (action_mask_from_sequences, answer_lengths, compute_returns,
-                        entropy_and_full_kl_from_logits, fix_degenerate_answers, gather_log_probs,
-                        kl_penalty, masked_max_from, masked_mean_from, policy_gradient_loss,
-                        truncated_rate)
+from algorithms import compute_returns, policy_gradient_loss
+from rl_math import (action_mask_from_sequences, answer_lengths, entropy_and_full_kl_from_logits,
+                     fix_degenerate_answers, gather_log_probs, kl_penalty, masked_max_from,
+                     masked_mean_from, truncated_rate)
 
 PAD = 2  # in step 3 pad == eos (and OPT's BOS </s> has the same id)
 
@@ -41,7 +41,7 @@ def test_kl_penalty():
 
 # ---------------------------------------------------------------------------------------------- returns
 def original_loop_returns(kl, reward, mask, start, gamma, clip):
-    """The original's loop (SPEC §9.4), run in float32."""
+    """The original's backward loop over the answer (c <- c·γ; returns = kl + c), in float32."""
     returns = torch.zeros_like(kl)
     ratios = []
     for b in range(kl.size(0)):

@@ -1,4 +1,4 @@
-"""The six training scripts: syntax, the exact hyper-parameters of SPEC §12, and that every flag they
+"""The six training scripts: syntax, the original's exact hyper-parameters, and that every flag they
 pass is one their stage's main.py accepts.
 
 A stub `deepspeed` first on PATH records its argv, working directory and environment instead of
@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# flag -> value as the SPEC gives it; `on`: switches passed; `off`: flags that must not be passed.
+# flag -> value as the original's scripts pass it; `on`: switches passed; `off`: flags never passed.
 COMMON = {"--data_split": "2,4,4", "--lr_scheduler_type": "cosine", "--num_warmup_steps": 0,
           "--gradient_accumulation_steps": 1}
 STEP12 = {**COMMON, "--per_device_train_batch_size": 16, "--per_device_eval_batch_size": 16,
@@ -161,7 +161,7 @@ def name(request):
 def launched(name, tmp_path):
     """The script run from elsewhere with a relative output dir and every path from the environment."""
     paths = {var: str(tmp_path / "paths" / var.lower()) for var in PATH_VARS
-             if var != "DATA_OUTPUT_PATH"}  # kept at its default (the SPEC's cache dir)
+             if var != "DATA_OUTPUT_PATH"}  # kept at its default (the original's cache dir)
     paths["DATA_PATH"] = str(tmp_path / "paths" / "Dahoas" / "rm-static")
     for path in paths.values():
         os.makedirs(path, exist_ok=True)
@@ -252,7 +252,7 @@ def test_default_output_dir_and_paths(name, tmp_path):
     pattern = spec["default_dir"].format(ts=r"\d{4}-\d\d-\d\d-\d\d-\d\d-\d\d")
     assert re.fullmatch(r"\./log/" + pattern, output), output
     assert (copied_stage / output / "training.log").exists()
-    # SPEC §13.1 item 4: the step-3 OPT script's data path named no known dataset
+    # The original step-3 OPT script's data path named no known dataset
     assert flags["--data_path"][0].endswith("/Dahoas/rm-static")
     for flag in ("--model_name_or_path", "--actor_model_name_or_path", "--reward_model_name_or_path",
                  "--data_path"):

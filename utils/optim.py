@@ -1,9 +1,9 @@
-"""Optimizer parameter groups, the optimizer and the LR schedule (SPEC §4.5)."""
+"""Optimizer parameter groups, the optimizer and the LR schedule."""
 import torch
 
 from utils.ds_utils import current_accelerator_name, log_once_on_rank_0
 
-# Deliberate fix of the original (SPEC §13.1 item 15): its ["bias", "LayerNorm.weight"] matched no OPT/Llama norm name, so norm gains were decayed.
+# Deliberate fix: the original's "LayerNorm.weight" matched no OPT/Llama norm name, so norms were decayed.
 DEFAULT_NO_DECAY_NAMES = ("bias", "norm")
 DEFAULT_LORA_NAMES = ("lora_right_weight", "lora_left_weight")
 

@@ -1,11 +1,11 @@
-"""Split, tokenise, cache and collate the prompt datasets of the three phases (SPEC §3.2-3.8).
+"""Split, tokenise, cache and collate the prompt datasets of the three phases.
 
 A tokenised split is held as a dict of numpy arrays with one row per sample ("arrays" below):
     phase 1: input_ids, attention_mask, labels                      [N, max_seq_len]
     phase 2: chosen_ids, chosen_mask, rejected_ids, rejected_mask   [N, max_seq_len]
     phase 3: input_ids [N, max_seq_len] (prompt left-aligned, pad after), prompt_len [N]
 Concatenating and permuting datasets are then plain numpy indexing, and the cache is these arrays
-in an .npz file (data, not pickles). `PromptDataset` builds the §3.5 items from them lazily.
+in an .npz file (data, not pickles). `PromptDataset` builds each phase's items from them lazily.
 """
 import hashlib
 import itertools
@@ -30,7 +30,7 @@ _ID_DTYPE, _MASK_DTYPE = np.int32, np.uint8
 
 
 # ----------------------------------------------------------------------------------------------
-# Split indices (§3.3)
+# Split indices
 # ----------------------------------------------------------------------------------------------
 
 def get_shuffle_idx(seed, size):
@@ -71,7 +71,7 @@ def split_indices(data_split, split_index, data_size, seed):
 
 
 # ----------------------------------------------------------------------------------------------
-# Tokenisation (§3.5)
+# Tokenisation
 # ----------------------------------------------------------------------------------------------
 
 def _check_pad_is_eos(tokenizer):
@@ -148,8 +148,8 @@ def tokenize_phase2(prompts_and_chosen, prompts_and_rejected, tokenizer, max_seq
 def tokenize_phase3(prompts, tokenizer, max_seq_len):
     """RL prompt arrays. A prompt longer than max_seq_len keeps only its last max_seq_len - 1 tokens.
 
-    Original quirk kept (SPEC §13.1 item 5): max_seq_len - 1, not max_seq_len, and the BOS is
-    dropped, while a prompt of exactly max_seq_len tokens is kept whole.
+    Original quirk kept, so stage-3 prompts match the original's: max_seq_len - 1, not max_seq_len,
+    and the BOS is dropped, while a prompt of exactly max_seq_len tokens is kept whole.
     """
     ids = np.full((len(prompts), max_seq_len), tokenizer.pad_token_id, _ID_DTYPE)
     prompt_len = np.zeros(len(prompts), np.int64)
@@ -187,7 +187,7 @@ def num_rows(arrays):
 
 
 class PromptDataset(Dataset):
-    """The §3.5 items, built lazily from the arrays of one split.
+    """The items of each phase, built lazily from the arrays of one split.
 
     phase 1: {input_ids, attention_mask, labels}, each LongTensor [max_seq_len]
     phase 2: (chosen_ids, chosen_mask, rejected_ids, rejected_mask), each LongTensor [1, max_seq_len]
@@ -217,7 +217,7 @@ class PromptDataset(Dataset):
 
 
 # ----------------------------------------------------------------------------------------------
-# Building, concatenating, caching (§3.4)
+# Building, concatenating, caching
 # ----------------------------------------------------------------------------------------------
 
 def _concat(parts):
@@ -346,7 +346,7 @@ def create_prompt_dataset(local_rank, data_path, data_split, output_path, train_
 
     Local rank 0 builds on a miss (or `reload`) and writes the cache atomically; other ranks
     wait at a barrier and read it. The original torch.save'd dataset objects (pickles, which
-    torch >= 2.6 refuses to load by default, SPEC §13.1 item 24); we store the token arrays.
+    torch >= 2.6 refuses to load by default); we store the token arrays.
     """
     if end_of_conversation_token is None:
         end_of_conversation_token = tokenizer.eos_token
@@ -379,7 +379,7 @@ def create_prompt_dataset(local_rank, data_path, data_split, output_path, train_
 
 
 # ----------------------------------------------------------------------------------------------
-# Collators (§3.6) and MiniDataset (§3.7)
+# Collators and MiniDataset
 # ----------------------------------------------------------------------------------------------
 
 class DataCollatorReward:
@@ -446,7 +446,7 @@ class MiniDataset:
 
 
 # ----------------------------------------------------------------------------------------------
-# Unsupervised data (§3.8), local only
+# Unsupervised data, local only
 # ----------------------------------------------------------------------------------------------
 
 _BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}

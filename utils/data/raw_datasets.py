@@ -1,4 +1,4 @@
-"""One adapter per supported dataset name (SPEC §3.1), reading local copies only.
+"""One adapter per supported dataset name, reading local copies only.
 
 An adapter turns a raw row into the texts the three phases use:
     prompt                " Human: <question> Assistant:"
@@ -85,7 +85,7 @@ def _jsonfile_paths(path):
 
     An existing directory is read as <dir>/data/{train,eval}.json, else <dir>/{train,eval}.json.
     The literal "local/jsonfile" keeps the original's location, the parent of the repo root
-    (SPEC §13.1 item 3: inherited from DS-Chat's deeper layout; kept for compatibility).
+    (inherited from DS-Chat's deeper layout; kept for compatibility).
     """
     if os.path.isdir(path):
         candidates = [os.path.join(path, "data"), path]
@@ -149,7 +149,7 @@ class PromptRawDataset:
         return self.raw_datasets[name]
 
     def _train_eval_part(self, part):
-        # Late import: data_utils imports this module. Same index machinery as the phase split (§3.3).
+        # Late import: data_utils imports this module. Same index machinery as the phase split.
         from utils.data.data_utils import split_indices
         train = self._split("train")
         return train.select(split_indices("9,1", part, len(train), self.seed))
@@ -481,7 +481,7 @@ class LocalJsonFileDataset(PromptRawDataset):
         return self._spaced(row.get("prompt"), row.get("rejected"))
 
 
-# Matched by substring of the given path, first match wins (SPEC §3.1 order).
+# Matched by substring of the given path, first match wins (the original's order).
 ADAPTERS = (
     DahoasRmStaticDataset,
     DahoasFullhhrlhfDataset,

@@ -36,7 +36,7 @@ def _has_tokenizer_files(path):
 
 
 def check_tokenizer_contract(tokenizer, config, what="model"):
-    """Fail early when the tokenizer and the model disagree (PITFALLS 1)."""
+    """Fail early when the tokenizer and the model disagree (a wrong pad/eos id would misplace the reward)."""
     if tokenizer.pad_token_id != tokenizer.eos_token_id:
         raise ValueError(f"pad token id {tokenizer.pad_token_id} != eos token id "
                          f"{tokenizer.eos_token_id}: the pipeline needs pad == eos")
@@ -124,7 +124,7 @@ def write_safetensors_atomic(state_dict, path, metadata=None):
 
 
 def verify_safetensors(path, state_dict):
-    """Re-open a written file and check every tensor is there with its shape (PITFALLS 6)."""
+    """Re-open a written file and check every tensor is there with its shape (no silently partial save)."""
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as f:

@@ -1,4 +1,4 @@
-"""Reward model: a headless decoder with a scalar value head (SPEC §4.2), and its checkpoint files.
+"""Reward model: a headless decoder with a scalar value head, and its checkpoint files.
 
 Scores are read at one token per sequence:
 * pairwise training (step 2) at the end token of each sequence, ``pairwise_end_index``;
@@ -105,7 +105,7 @@ class RewardModel(nn.Module):
         self.rwtranrsformer.activation_checkpointing_disable()
 
     def enable_input_require_grads(self):
-        # The original wrapper lacked this, so LoRA + gradient checkpointing silently skipped it (SPEC §6).
+        # The original lacked it, so LoRA-only + gradient checkpointing could leave LoRA without gradients.
         self.rwtranrsformer.enable_input_require_grads()
 
     def _token_values(self, input_ids, attention_mask, use_cache, **backbone_kwargs):
@@ -125,12 +125,12 @@ class RewardModel(nn.Module):
                              f"got {input_ids.shape[0]}")
         values = self._token_values(input_ids, attention_mask, use_cache, **backbone_kwargs)
         # Identical chosen/rejected rows get the same index on both sides, as the original's r_ind = c_ind.
-        # The original's divergence-index assert and truncated-reward slices were dead code (§13.2).
+        # The original's divergence-index assert and truncated-reward slices fed nothing; left out.
         end = pairwise_end_index(input_ids, self.pad_token_id, self.num_padding_at_beginning)
         end_scores = values.gather(1, end.unsqueeze(1)).squeeze(1)
         pairs = input_ids.shape[0] // 2
         chosen_scores, rejected_scores = end_scores[:pairs], end_scores[pairs:]
-        # float32 difference: the original subtracted in fp16/bf16 (PITFALLS 4).
+        # float32 difference: in fp16/bf16 (the original) close scores lose their digits or overflow.
         loss = -F.logsigmoid(chosen_scores.float() - rejected_scores.float()).mean()
         return {"loss": loss, "chosen_mean_scores": chosen_scores, "rejected_mean_scores": rejected_scores}
 

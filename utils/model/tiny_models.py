@@ -33,7 +33,7 @@ frog telescope computer phone car train plane garden kitchen market doctor teach
 friend family child parent question answer idea reason fact step list example summary plan
 """.split()
 
-_OPT_SPECIAL = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0..3, the same order as OPT's vocabulary
+_OPT_RESERVED_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0..3, the same order as OPT's vocabulary
 
 
 def generated_corpus(num_lines=3000, seed=0):
@@ -54,7 +54,7 @@ def _opt_tokenizer(vocab_size):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=_OPT_SPECIAL,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=_OPT_RESERVED_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(generated_corpus(), trainer=trainer)

@@ -1,4 +1,4 @@
-"""LoRA for nn.Linear layers (SPEC §6), and a merged export that leaves the training model untouched.
+"""LoRA for nn.Linear layers, and a merged export that leaves the training model untouched.
 
 W: [out, in] (the wrapped Linear's weight), right R: [in, r], left L: [r, out], scaling s = lora_scaling / r.
     y = x W^T + b + s * dropout(x) R L            merged weight: W + s * L^T R^T
@@ -134,8 +134,8 @@ def gathered_parameters(params, modifier_rank=None):
 def lora_merged_state_dict(model: nn.Module) -> dict:
     """The model's state dict as CPU copies, with every LoRA update merged into its base weight and no
     "lora" keys: a plain HF checkpoint. The model is not modified (the original fused in place at every
-    save, after which LoRA stopped training, SPEC §13.1 item 13). Under ZeRO-3 it gathers one module at a
-    time, so every rank must call it."""
+    save, after which LoRA stopped training). Under ZeRO-3 it gathers one module at a time, so every
+    rank must call it."""
     keys_by_module = {}
     for key in model.state_dict().keys():  # keys only: under ZeRO-3 the values are empty partitions
         module_name, _, attr = key.rpartition(".")

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Stage 1 (SFT) of OPT-1.3b on Dahoas/rm-static: the original's recipe (SPEC §12).
+# Stage 1 (SFT) of OPT-1.3b on Dahoas/rm-static: the original's hyper-parameters.
 #   bash run_opt_1.3b.sh [OUTPUT_DIR]
 # Paths come from the environment; the hub copies must be local (the run is offline):
 #   MODEL_PATH        facebook/opt-1.3b checkpoint      (default /models/facebook/opt-1.3b)

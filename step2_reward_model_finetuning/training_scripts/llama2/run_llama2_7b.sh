@@ -1,5 +1,5 @@
 #!/bin/bash
-# Stage 2 (reward model) of Llama-2-7b on Dahoas/rm-static: the original's recipe (SPEC §12).
+# Stage 2 (reward model) of Llama-2-7b on Dahoas/rm-static: the original's hyper-parameters.
 #   bash run_llama2_7b.sh [OUTPUT_DIR]
 # Paths come from the environment; the hub copies must be local (the run is offline):
 #   MODEL_PATH        meta-llama/Llama-2-7b-hf checkpoint (default /models/meta-llama/Llama-2-7b-hf)

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Stage 2 (reward model) of OPT-350m on Dahoas/rm-static: the original's recipe (SPEC §12).
+# Stage 2 (reward model) of OPT-350m on Dahoas/rm-static: the original's hyper-parameters.
 #   bash run_opt_350m.sh [OUTPUT_DIR]
 # Paths come from the environment; the hub copies must be local (the run is offline):
 #   MODEL_PATH        facebook/opt-350m checkpoint      (default /models/facebook/opt-350m)

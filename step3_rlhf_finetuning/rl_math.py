@@ -1,26 +1,22 @@
-"""The ReMax math as pure tensor functions (SPEC §0, §9.4-§9.6).
+"""Math every stage-3 algorithm shares, as pure tensor functions: log-probs of the taken tokens,
+masks of prompt + answer, the degenerate-answer patch, and the entropy / KL / length metrics.
 
-ReMax is REINFORCE with a greedy-decoding baseline b(x) = r(x, ā). Per answer token t (1..T, EOS
-included) the code weights log π_θ(a_t | x, a_<t) by
-
-    w_t = clip(r(x, a) - r(x, ā), ±c) · γ^(T - t + 1)  -  β · (log π_old(a_t|·) - log π_ref(a_t|·))
-
-and minimises  -Σ_{b,t} w_{b,t} · log π_θ(a_{b,t}|·) / Σ_b T_b, with w held constant.
-
-Shapes: B batch, P padded prompt length (= prompt_len), L = P + answer length, V vocabulary.
-Per-action tensors are [B, L-1]: column j holds the action seq[:, j+1] predicted at position j, so the
-answer's actions start at column start = P - 1. Nothing here knows about DeepSpeed, ranks or files.
+Shapes: B rows, P padded prompt length (= prompt_len), L = P + answer length, V vocabulary,
+T = L - P answer actions. Per-action tensors over a whole sequence are [B, L-1]: column j holds the
+action seq[:, j+1] predicted at position j, so the answer's actions start at column start = P - 1;
+`[:, start:]` of them is the answer-only [B, T] form the algorithms (algorithms.py) work on.
+Nothing here knows about DeepSpeed, ranks or files.
 """
 import torch
 
 __all__ = [
     "gather_log_probs",
     "kl_penalty",
-    "compute_returns",
-    "policy_gradient_loss",
+    "k3_kl",
     "action_mask_from_sequences",
     "fix_degenerate_answers",
     "entropy_and_full_kl_from_logits",
+    "masked_mean",
     "masked_mean_from",
     "masked_max_from",
     "answer_lengths",
@@ -45,65 +41,31 @@ def kl_penalty(logprobs, ref_logprobs, kl_ctl):
     return -kl_ctl * (logprobs - ref_logprobs)
 
 
-@torch.no_grad()
-def compute_returns(kl_penalty, reward, action_mask, start, gamma, clip_reward_value):
-    """ReMax returns: the per-token weight w of the policy-gradient loss (SPEC §9.4 compute_returns).
+def k3_kl(logprobs, ref_logprobs):
+    """k3 estimator of KL(π_θ ‖ π_ref) per token: exp(ref - logπ) - (ref - logπ) - 1 >= 0.
 
-    kl_penalty:  [B, L-1] per-token -β·(log π_old - log π_ref)
-    reward:      [B]      r(x, a) - r(x, ā), baseline already subtracted, not yet clipped
-    action_mask: [B, L-1] = attention_mask[:, 1:]
-    start:       P - 1, the column of the first answer action
-
-    With T_b = Σ_{j >= start} action_mask[b, j] (answer tokens incl. EOS) and end_b = start + T_b:
-        returns[b, j] = kl_penalty[b, j] + γ^(end_b - j) · clip(reward_b, ±clip_reward_value)
-    for start <= j < end_b (γ¹ on the last action, γ^T_b on the first), 0 elsewhere. Like the
-    original, the answer region is the first T_b columns from start (the mask counts, its positions
-    do not); in practice the answer mask is contiguous 1s then 0s, so the two agree.
-
-    kl_ratio: mean over the visited (b, j) of |kl| / (|kl| + |discounted reward| + 1e-6), a Python
-    float (0.0 when nothing is visited; the original divided by zero there).
-
-    Returns (returns [B, L-1] float32, kl_ratio float).
+    logprobs (with grad), ref_logprobs: [B, T] -> [B, T]; unbiased, and never negative.
     """
-    # float32 whatever the model dtype; the original rounded the running reward to bf16 (SPEC §13.1 item 25).
-    kl = kl_penalty.float()
-    clipped = reward.float().clamp(-clip_reward_value, clip_reward_value)          # clip(r - b)
-    answer_len = action_mask[:, start:].sum(dim=1)                                  # T_b
-    end = start + answer_len                                                        # end_b
-    cols = torch.arange(kl.size(1), device=kl.device)
-    visited = (cols >= start) & (cols < end.unsqueeze(1))                           # [B, L-1]
-    steps_to_end = (end.unsqueeze(1) - cols).clamp(min=0).float()                   # end_b - j
-    discounted = clipped.unsqueeze(1) * torch.pow(torch.tensor(gamma, dtype=torch.float32,
-                                                               device=kl.device), steps_to_end)
-    discounted = torch.where(visited, discounted, torch.zeros_like(discounted))
-    returns = torch.where(visited, kl + discounted, torch.zeros_like(kl))
-
-    num_visited = int(visited.sum())
-    if num_visited == 0:
-        return returns, 0.0
-    ratio = kl.abs() / (kl.abs() + discounted.abs() + 1e-6)
-    kl_ratio = ratio[visited].sum().item() / num_visited
-    return returns, kl_ratio
+    log_ratio = ref_logprobs - logprobs
+    return torch.exp(log_ratio) - log_ratio - 1
 
 
-def policy_gradient_loss(logprobs, returns, mask):
-    """REINFORCE loss  Σ_{b,j} -w[b,j] · log π_θ[b,j] · mask[b,j] / Σ_{b,j} mask[b,j].
+def masked_mean(values, mask):
+    """Σ values · mask / Σ mask over the whole batch -> 0-d float32 (0 when the mask is empty).
 
-    logprobs: [B, N] new log-probs (with grad), returns: [B, N] weights w (treated as constants),
-    mask: [B, N]. The caller passes the action columns j >= start only (`[:, start:]` of the
-    [B, L-1] tensors), so prompt positions do not count in the normalisation. -> scalar.
+    values, mask: [B, T].
     """
-    mask = mask.to(logprobs.dtype)
-    # clamp: an all-zero mask gives loss 0 instead of the original's 0/0 = NaN (never hit in practice).
-    return (-returns.detach() * logprobs * mask).sum() / mask.sum().clamp(min=1)
+    mask = mask.float()
+    return (values.float() * mask).sum() / mask.sum().clamp(min=1)
 
 
 def action_mask_from_sequences(seq, prompt_len, pad_token_id):
-    """Attention/action mask of prompt + answer (SPEC §9.4 generate_experience step 2).
+    """Attention/action mask of prompt + answer of a generated sequence.
 
     seq: [B, L] -> LongTensor [B, L]: 1 where seq != pad, and also at each row's first pad id at or
     after prompt_len: pad == eos, so keep the first eos of the answer as an action. Pad ids inside
-    the prompt (left padding, OPT's BOS </s>) stay 0, like the original (SPEC §13.1 item 7).
+    the prompt (left padding, OPT's BOS </s>) stay 0, like the original; the trainer overwrites
+    the prompt part with the prompt's own mask (docs/differences.md, stage 3).
     """
     mask = seq != pad_token_id
     answer_is_pad = seq[:, prompt_len:] == pad_token_id
@@ -113,7 +75,7 @@ def action_mask_from_sequences(seq, prompt_len, pad_token_id):
 
 
 def fix_degenerate_answers(seq, prompt_len, pad_token_id, replacement_token_id):
-    """The original's degenerate-answer patch (SPEC §9.4, §13.1 item 6).
+    """The original's degenerate-answer patch, kept so rewards compare with its runs.
 
     Rows whose answer seq[:, prompt_len:] has <= 1 non-pad token get column prompt_len overwritten by
     replacement_token_id (the caller passes tokenizer.encode(" ")[-1]). `<= 1` also rewrites genuine
@@ -153,7 +115,7 @@ def masked_mean_from(values, mask, start):
     """Σ values[:, start:] · mask[:, start:] / Σ mask[:, start:] over the whole batch -> 0-d float32.
 
     values: [B, L] (full_kl or entropy), mask: [B, L] attention (action) mask, start = P - 1.
-    The original's metric convention (SPEC §9.5, §9.6c, §13.1 item 8), kept so numbers compare with
+    The original's metric convention, kept so numbers compare with
     published logs: it includes the distribution at P - 1 and the one after the EOS.
     """
     mask = mask[:, start:].float()
@@ -168,7 +130,7 @@ def masked_max_from(values, mask, start):
 def answer_lengths(action_mask, prompt_len):
     """Answer tokens per row, EOS included: Σ action_mask[:, prompt_len:]. [B, L] -> [B] float32.
 
-    True answer length; the original summed from P - 1 and so reported one more (SPEC §13.1 item 8).
+    True answer length; the original summed from P - 1 and so reported one more.
     """
     return action_mask[:, prompt_len:].sum(dim=1).float()
 

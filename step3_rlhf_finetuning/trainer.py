@@ -1,0 +1,299 @@
+"""One on-policy trainer for every stage-3 algorithm: rollout, scoring, advantages, update.
+
+What differs between ReMax, PPO, RLOO and GRPO comes from their `Algorithm` entry (algorithms.py):
+how many answers a prompt gets and whether a greedy one is decoded, the advantage estimator, the
+policy loss and whether a critic is trained. This file is the DeepSpeed plumbing around them.
+"""
+import inspect
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from algorithms import Advantages, AnswerBatch, clipped_value_loss
+from rl_math import (action_mask_from_sequences, answer_lengths, entropy_and_full_kl_from_logits,
+                     fix_degenerate_answers, gather_log_probs, masked_mean, truncated_rate)
+from rlhf_engine import moving_average
+from utils.model.model_utils import unwrap
+from utils.utils import get_rank
+
+# The original's sampling settings (HF defaults filled in explicitly: top_k 50 was active too).
+TOP_P, TOP_K, TEMPERATURE = 0.9, 50, 1.0
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    """How answers are generated and the update is run (start-up values, not flags to re-read)."""
+    max_answer_seq_len: int
+    num_samples_per_prompt: int = 1
+    ppo_epochs: int = 1
+    unsup_coef: float = 0.0
+    synced_gpus: bool = False   # ZeRO-3 actor on several ranks: every rank runs the same forwards
+
+
+class PolicyTrainer:
+    """Turns prompt batches into experience and experience into one update of the actor (and the
+    critic, for algorithms that have one)."""
+
+    def __init__(self, rlhf_engine, algorithm, settings, rollout):
+        self.engine = rlhf_engine
+        self.actor = rlhf_engine.actor
+        self.ref = rlhf_engine.ref
+        self.reward = rlhf_engine.reward
+        self.critic = rlhf_engine.critic
+        self.actor_ema = rlhf_engine.actor_ema
+        self.tokenizer = rlhf_engine.tokenizer
+        self.algorithm = algorithm
+        self.settings = settings
+        self.rollout = rollout
+        if algorithm.critic and self.critic is None:
+            raise ValueError("this algorithm trains a critic, but the engine built none")
+        self.pad_token_id = self.tokenizer.pad_token_id
+        self.eos_token_ids = sorted({self.tokenizer.eos_token_id,
+                                     *_as_list(unwrap(self.actor).config.eos_token_id)})
+        # The original's degenerate-answer patch writes the token of " " (read at run time).
+        self.space_token_id = self.tokenizer.encode(" ", add_special_tokens=False)[-1]
+        self._keeps_logits = "logits_to_keep" in inspect.signature(unwrap(self.actor).forward).parameters
+
+    # ------------------------------------------------------------------ generation
+
+    def _generate(self, prompts, prompt_mask, do_sample):
+        """[B, P] left-padded prompts -> [B, L] prompt + answer (at most max_answer_seq_len new
+        tokens, finished rows filled with pad = eos). With a ZeRO-3 actor on several ranks every
+        rank runs the same number of forwards (synced_gpus), so differing lengths never hang."""
+        sampling = dict(do_sample=True, top_p=TOP_P, top_k=TOP_K, temperature=TEMPERATURE) \
+            if do_sample else dict(do_sample=False, top_p=None, top_k=None, temperature=None)
+        with torch.no_grad():
+            return unwrap(self.actor).generate(
+                input_ids=prompts, attention_mask=prompt_mask,
+                max_new_tokens=self.rollout.max_answer_seq_len, pad_token_id=self.pad_token_id,
+                eos_token_id=self.eos_token_ids, synced_gpus=self.rollout.synced_gpus,
+                use_cache=True, **sampling)
+
+    def _finish_sequences(self, seq, prompt_len):
+        """Apply the original's degenerate-answer patch; return (seq, truncated share, patched
+        count). HF generate always emits a token, but keep the patch well-defined without one."""
+        if seq.size(1) == prompt_len:
+            seq = torch.cat([seq, seq.new_full((seq.size(0), 1), self.pad_token_id)], dim=1)
+        truncated = truncated_rate(seq, prompt_len, self.pad_token_id).item()
+        seq, patched = fix_degenerate_answers(seq, prompt_len, self.pad_token_id,
+                                              self.space_token_id)
+        return seq, truncated, int(patched.sum())
+
+    def _scoring_mask(self, seq, prompt_mask, prompt_len):
+        """Attention mask for scoring: the answer part is the action mask (first eos kept); the
+        prompt part is the prompt's own mask. The original used `seq != pad` for the prompt too,
+        which masked OPT's BOS (</s> = pad) although generation and stage 2 attended to it."""
+        mask = action_mask_from_sequences(seq, prompt_len, self.pad_token_id)
+        mask[:, :prompt_len] = prompt_mask.to(mask.dtype)
+        return mask
+
+    def _answer_logits(self, model, seq, mask, prompt_len):
+        """Logits at positions P-1 … L-1 only, [B, T+1, V]: the prompt's logits are never used."""
+        if self._keeps_logits:
+            keep = seq.size(1) - prompt_len + 1
+            return model(seq, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits
+        return model(seq, attention_mask=mask, use_cache=False).logits[:, prompt_len - 1:]
+
+    def _answer_values(self, critic, seq, mask, prompt_len):
+        """The critic's V(s_t) before each answer action, [B, T] (positions P-1 … L-2)."""
+        return critic.forward_value(seq, mask, return_value_only=True)[:, prompt_len - 1:-1].float()
+
+    def _reward(self, seq, mask, prompt_len):
+        out = self.reward.forward_value(seq, mask, prompt_length=prompt_len)
+        return out["chosen_end_scores"].float()
+
+    def _enter_generation(self):
+        for engine in (self.actor, self.ref, self.reward, self.critic):
+            if engine is not None:
+                engine.eval()
+
+    def _enter_scoring(self):
+        # Score with the Hugging Face forwards (engine.train() restores them when the hybrid engine
+        # swapped in its inference kernels for generation) but without dropout (module.eval()).
+        self.actor.train()
+        unwrap(self.actor).eval()
+
+    # ------------------------------------------------------------------ experience
+
+    def generate_experience(self, prompts, prompt_mask, step=0, print_answers=False):
+        """Experience for one prompt batch, as the algorithm's rollout asks: k sampled answers per
+        prompt (rows prompt-major) and, for ReMax, one greedy answer each; scored by the actor,
+        the reference, the reward model (and the critic); with the estimator's advantages.
+
+        prompts, prompt_mask: [N, P]. Returns (experience, stats, seconds):
+          experience: tensors of B = N·k rows, ready to cut into micro-batches —
+            prompts [B, P], input_ids / attention_mask [B, L], and answer-only [B, T]
+            logprobs, ref_logprobs, action_mask, advantages (+ values, returns with a critic),
+            rewards [B] (+ baseline_rewards [B] with a greedy baseline);
+          stats: Python floats for logging; seconds: {"generation": s, "experience": s}.
+        """
+        k = self.rollout.num_samples_per_prompt
+        out = self._experience(prompts, prompt_mask, k, self.algorithm.rollout.greedy_baseline,
+                               with_critic=self.algorithm.critic, step=step,
+                               print_answers=print_answers)
+        exp, stats, seconds = out
+        start = time.time()
+        batch = answer_batch(exp)
+        adv = self.algorithm.estimate(batch, self.settings)
+        exp["advantages"] = adv.advantages
+        if adv.returns is not None:
+            exp["returns"] = adv.returns
+        stats.update(adv.stats)
+        # The original's "return" metrics: over every answer column, zeros past the end included.
+        stats["return"] = adv.advantages.mean().item()
+        stats["max_return"] = adv.advantages.abs().max().item()
+        seconds["experience"] += time.time() - start
+        return exp, stats, seconds
+
+    @torch.no_grad()
+    def evaluation_experience(self, prompts, prompt_mask):
+        """One sampled and one greedy answer per prompt, scored, for every algorithm's evaluation.
+        Returns (experience, stats) as `generate_experience` without advantages and critic."""
+        exp, stats, _ = self._experience(prompts, prompt_mask, 1, True, with_critic=False)
+        return exp, stats
+
+    @torch.no_grad()
+    def _experience(self, prompts, prompt_mask, num_samples, with_greedy, with_critic, step=0,
+                    print_answers=False):
+        prompt_len = prompts.size(1)
+        self._enter_generation()
+        start = time.time()
+        sampled_prompts = prompts.repeat_interleave(num_samples, dim=0)
+        sampled_mask = prompt_mask.repeat_interleave(num_samples, dim=0)
+        seq = self._generate(sampled_prompts, sampled_mask, do_sample=True)
+        greedy_seq = self._generate(prompts, prompt_mask, do_sample=False) if with_greedy else None
+        generation_seconds = time.time() - start
+        self._enter_scoring()
+
+        start = time.time()
+        seq, truncated, patched = self._finish_sequences(seq, prompt_len)
+        mask = self._scoring_mask(seq, sampled_mask, prompt_len)
+        if print_answers:
+            self._print_answers(seq, prompt_len, step, "model")
+        actor_logits = self._answer_logits(self.actor, seq, mask, prompt_len)      # [B, T+1, V]
+        ref_logits = self._answer_logits(self.ref, seq, mask, prompt_len)
+        answer = seq[:, prompt_len:]
+        exp = {"prompts": sampled_prompts, "input_ids": seq, "attention_mask": mask,
+               "logprobs": gather_log_probs(actor_logits[:, :-1], answer),
+               "ref_logprobs": gather_log_probs(ref_logits[:, :-1], answer),
+               "action_mask": mask[:, prompt_len:],
+               "rewards": self._reward(seq, mask, prompt_len)}
+        entropy, full_kl = entropy_and_full_kl_from_logits(actor_logits, ref_logits, chunk_size=64)
+        del actor_logits, ref_logits
+        # The original's metric convention: from position P - 1, so the distribution after the EOS
+        # counts too (kept so numbers compare with published logs).
+        metric_mask = mask[:, prompt_len - 1:]
+        stats = {"reward": exp["rewards"].mean().item(), "truncated": truncated,
+                 "patched": patched, "length": answer_lengths(mask, prompt_len).mean().item(),
+                 "kl": masked_mean(full_kl, metric_mask).item(),
+                 "max_kl": (full_kl * metric_mask.float()).max().item(),
+                 "entropy": masked_mean(entropy, metric_mask).item()}
+        if with_critic:
+            exp["values"] = self._answer_values(self.critic, seq, mask, prompt_len)
+        if greedy_seq is not None:
+            greedy_seq, greedy_truncated, _ = self._finish_sequences(greedy_seq, prompt_len)
+            greedy_mask = self._scoring_mask(greedy_seq, prompt_mask, prompt_len)
+            if print_answers:
+                self._print_answers(greedy_seq, prompt_len, step, "greedy")
+            greedy_reward = self._reward(greedy_seq, greedy_mask, prompt_len)
+            # k samples share their prompt's one greedy baseline.
+            exp["baseline_rewards"] = greedy_reward.repeat_interleave(num_samples, dim=0)
+            exp["greedy_input_ids"] = greedy_seq.repeat_interleave(num_samples, dim=0)
+            stats.update(greedy_reward=greedy_reward.mean().item(),
+                         greedy_truncated=greedy_truncated,
+                         greedy_length=answer_lengths(greedy_mask, prompt_len).mean().item())
+        # The original scored in train mode, so dropout (when not disabled) perturbed the stored
+        # log-probs; we score without dropout.
+        self.actor.train()
+        if self.critic is not None:
+            self.critic.train()
+        return exp, stats, {"generation": generation_seconds, "experience": time.time() - start}
+
+    def _print_answers(self, seq, prompt_len, step, tag):
+        decode = lambda ids: self.tokenizer.batch_decode(ids, skip_special_tokens=True)  # noqa: E731
+        print(f"[{tag}]--- prompt --> step={step}, rank={get_rank()}, "
+              f"{decode(seq[:, :prompt_len])}", flush=True)
+        print(f"[{tag}]--- ans    --> step={step}, rank={get_rank()}, "
+              f"{decode(seq[:, prompt_len:])}", flush=True)
+
+    # ------------------------------------------------------------------ the update
+
+    def compute_loss(self, exp):
+        """The policy loss of one micro-batch with fresh log-probs of the actor (with grad).
+        Returns (loss, stats)."""
+        prompt_len = exp["prompts"].size(1)
+        seq, mask = exp["input_ids"], exp["attention_mask"]
+        logits = self._answer_logits(self.actor, seq, mask, prompt_len)
+        logprobs = gather_log_probs(logits[:, :-1], seq[:, prompt_len:])
+        return self.algorithm.policy_loss(logprobs, answer_batch(exp), stored_advantages(exp),
+                                          self.settings)
+
+    def compute_value_loss(self, exp):
+        """The critic's clipped value loss of one micro-batch (with grad)."""
+        prompt_len = exp["prompts"].size(1)
+        values = self._answer_values(self.critic, exp["input_ids"], exp["attention_mask"],
+                                     prompt_len)
+        return clipped_value_loss(values, exp["values"], exp["returns"], exp["action_mask"],
+                                  self.settings.cliprange_value)
+
+    def train_step(self, experiences, unsupervised_batches=None):
+        """One update: `ppo_epochs` passes over the micro-batches of one or more generation rounds.
+
+        The actor's (and critic's) DeepSpeed config accumulates gradients over exactly one pass
+        (twice as many micro-batches with the pretraining mix), so DeepSpeed scales each backward
+        by 1/K and steps the optimizer (clip 1.0, AdamW, LR schedule) once per pass — the
+        original's `backward(loss / K)` ... `step()`. Returns metric means over the micro-batches.
+        """
+        sums, count = defaultdict(float), 0
+        for _ in range(self.rollout.ppo_epochs):
+            for i, exp in enumerate(experiences):
+                loss, stats = self.compute_loss(exp)
+                self.actor.backward(loss)
+                self.actor.step()
+                sums["actor_loss"] += loss.item()
+                for key, value in stats.items():
+                    sums[key] += value
+                if self.algorithm.critic:
+                    value_loss = self.compute_value_loss(exp)
+                    self.critic.backward(value_loss)
+                    self.critic.step()
+                    sums["critic_loss"] += value_loss.item()
+                if unsupervised_batches is not None:
+                    sums["unsup_loss"] += self.train_unsupervised(unsupervised_batches[i],
+                                                                  self.rollout.unsup_coef)
+                count += 1
+        if self.actor_ema is not None:
+            moving_average(self.actor, self.actor_ema)
+        return {key: value / max(count, 1) for key, value in sums.items()}
+
+    def train_unsupervised(self, batch, unsup_coef):
+        """DeepSpeed-Chat's pretraining mix: LM loss on a pretraining batch, scaled by unsup_coef,
+        accumulated into the same optimizer step (the original raised NotImplementedError)."""
+        loss = self.actor(**batch, use_cache=False).loss
+        self.actor.backward(unsup_coef * loss)
+        self.actor.step()
+        return loss.item()
+
+    def overflowed(self):
+        """True when DeepSpeed skipped the last actor step for an fp16 overflow."""
+        optimizer = getattr(self.actor, "optimizer", None)
+        return bool(getattr(optimizer, "overflow", False))
+
+
+def answer_batch(exp):
+    """The answer-only view of an experience dict that estimators and losses read."""
+    return AnswerBatch(logprobs=exp["logprobs"], ref_logprobs=exp["ref_logprobs"],
+                       mask=exp["action_mask"], reward=exp["rewards"],
+                       baseline_reward=exp.get("baseline_rewards"), values=exp.get("values"))
+
+
+def stored_advantages(exp):
+    return Advantages(exp["advantages"], exp.get("returns"))
+
+
+def _as_list(value):
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]

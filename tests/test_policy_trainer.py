@@ -1,0 +1,216 @@
+"""The policy trainer's experience on plain (non-DeepSpeed) tiny models: the greedy baseline is
+deterministic and comes from the prompt alone, rewards are read at each answer's first eos, the
+action mask keeps exactly the first eos, and advantage = r(sampled) - r(greedy); k samples per
+prompt share one baseline; PPO's values and GAE; the ReMax loss and gradients pinned to their values
+before the trainer served several algorithms."""
+import copy
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForCausalLM
+
+from algorithms import ALGORITHMS, AlgorithmSettings
+from trainer import PolicyTrainer, RolloutSettings
+from utils.data.data_utils import DataCollatorRLHF
+from utils.model.model_utils import load_hf_tokenizer
+from utils.model.reward_model import RewardModel, answer_end_index
+
+PROMPTS = ["\n\nHuman: Tell me about the moon?\n\nAssistant:", "\n\nHuman: Hi?\n\nAssistant:",
+           "\n\nHuman: Explain the history of the river city in a few words?\n\nAssistant:"]
+
+
+def make_trainer(path, algo="remax", samples=1, max_answer_seq_len=8, gamma=0.9, perturb=0.0):
+    """A PolicyTrainer over plain modules (the engine's interface without DeepSpeed)."""
+    torch.manual_seed(0)
+    tok = load_hf_tokenizer(path)
+    actor = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ref = copy.deepcopy(actor)
+    if perturb:  # move the actor away from the reference so the KL terms are not zero
+        with torch.no_grad():
+            for p in actor.parameters():
+                p.add_(perturb * torch.randn_like(p))
+    reward = RewardModel(AutoModel.from_pretrained(path, dtype=torch.float32),
+                         tok.pad_token_id, num_padding_at_beginning=1).eval()
+    critic = copy.deepcopy(reward) if ALGORITHMS[algo].critic else None
+    engine = SimpleNamespace(actor=actor, ref=ref.eval(), reward=reward, actor_ema=None,
+                             critic=critic, tokenizer=tok)
+    settings = AlgorithmSettings(gamma=gamma, kl_ctl=0.1, clip_reward_value=5.0,
+                                 group_size=samples)
+    rollout = RolloutSettings(max_answer_seq_len=max_answer_seq_len, num_samples_per_prompt=samples)
+    return PolicyTrainer(engine, ALGORITHMS[algo], settings, rollout)
+
+
+@pytest.fixture(scope="module")
+def trainer(tiny_opt_path):
+    return make_trainer(tiny_opt_path)
+
+
+def prompt_batch(tok, max_len=32):
+    items = []
+    for text in PROMPTS:
+        ids = torch.tensor(tok(text)["input_ids"])
+        items.append((ids.flip(0), torch.ones_like(ids).flip(0), tok.pad_token_id))
+    batch = DataCollatorRLHF(max_len)(items)
+    return batch["prompt"], batch["prompt_att_mask"]
+
+
+def test_experience_layout_and_rewards(trainer):
+    tok = trainer.tokenizer
+    prompts, prompt_mask = prompt_batch(tok)
+    P = prompts.size(1)
+    torch.manual_seed(1)
+    exp, stats, seconds = trainer.generate_experience(prompts, prompt_mask)
+    seq, mask = exp["input_ids"], exp["attention_mask"]
+    B, L = seq.shape
+    T = L - P
+    assert exp["logprobs"].shape == exp["ref_logprobs"].shape == exp["action_mask"].shape == (B, T)
+    assert torch.equal(exp["action_mask"], mask[:, P:])
+    assert seconds["generation"] > 0 and seconds["experience"] > 0
+    # The reference is a copy of the actor: the per-token and full KL are zero.
+    torch.testing.assert_close(exp["logprobs"], exp["ref_logprobs"])
+    assert abs(stats["kl"]) < 1e-5 and stats["max_kl"] < 1e-5
+    # Prompt part: the prompt's own mask (OPT's BOS </s> = pad is attended, as in generation).
+    assert torch.equal(mask[:, :P], prompt_mask)
+    # Answer part: every non-pad token plus exactly the first eos.
+    for b in range(B):
+        answer, answer_mask = seq[b, P:], mask[b, P:]
+        eos = (answer == tok.eos_token_id).nonzero().flatten()
+        expected = (answer != tok.pad_token_id).long()
+        if len(eos):
+            expected[eos[0]] = 1
+        assert torch.equal(answer_mask, expected)
+    # Rewards are read at the first eos after the prompt (or the last token).
+    with torch.no_grad():
+        values = trainer.reward.forward_value(seq, mask, return_value_only=True)
+    end = answer_end_index(seq, tok.pad_token_id, P)
+    torch.testing.assert_close(exp["rewards"], values[torch.arange(B), end].float())
+
+
+def test_greedy_baseline_is_deterministic_and_scored(trainer):
+    tok = trainer.tokenizer
+    prompts, prompt_mask = prompt_batch(tok)
+    P = prompts.size(1)
+    trainer.actor.eval()  # generate_experience does this; dropout would make decoding random
+    first = trainer._generate(prompts, prompt_mask, do_sample=False)
+    torch.manual_seed(123)
+    second = trainer._generate(prompts, prompt_mask, do_sample=False)
+    assert torch.equal(first, second)
+    torch.manual_seed(7)
+    exp, stats, _ = trainer.generate_experience(prompts, prompt_mask)
+    greedy = exp["greedy_input_ids"]
+    # The baseline comes from the prompt alone with the same weights: it equals a fresh greedy decode.
+    fixed, _, _ = trainer._finish_sequences(first, P)
+    assert torch.equal(greedy, fixed)
+    greedy_mask = trainer._scoring_mask(greedy, prompt_mask, P)
+    with torch.no_grad():
+        expected = trainer.reward.forward_value(greedy, greedy_mask, prompt_length=P)
+    torch.testing.assert_close(exp["baseline_rewards"], expected["chosen_end_scores"].float())
+
+
+def test_advantage_uses_sampled_minus_greedy_reward(trainer, monkeypatch):
+    import algorithms
+
+    tok = trainer.tokenizer
+    prompts, prompt_mask = prompt_batch(tok)
+    torch.manual_seed(3)
+    seen = {}
+    real = algorithms.compute_returns
+
+    def spy(kl, reward, *rest):
+        seen["reward"] = reward.clone()
+        return real(kl, reward, *rest)
+
+    monkeypatch.setattr(algorithms, "compute_returns", spy)
+    exp, stats, _ = trainer.generate_experience(prompts, prompt_mask)
+    torch.testing.assert_close(seen["reward"], exp["rewards"] - exp["baseline_rewards"])
+    loss, _ = trainer.compute_loss(exp)
+    assert loss.requires_grad and torch.isfinite(loss)
+    # With the actor equal to the reference the KL term is 0, so the returns are the discounted
+    # clipped advantage alone and kl_ratio is 0.
+    assert stats["kl_ratio"] == pytest.approx(0.0, abs=1e-6)
+    # Same reward for sampled and greedy -> zero returns -> zero loss.
+    batch = algorithms.AnswerBatch(exp["logprobs"], exp["ref_logprobs"], exp["action_mask"],
+                                   exp["rewards"], exp["rewards"].clone())
+    zero = ALGORITHMS["remax"].estimate(batch, trainer.settings)
+    assert zero.advantages.abs().max() < 1e-6
+    loss_zero, _ = trainer.compute_loss(dict(exp, advantages=zero.advantages))
+    assert loss_zero.abs().item() < 1e-6
+
+
+def test_k_samples_share_one_greedy_baseline(tiny_opt_path):
+    trainer = make_trainer(tiny_opt_path, samples=3)
+    prompts, prompt_mask = prompt_batch(trainer.tokenizer)
+    torch.manual_seed(5)
+    exp, stats, _ = trainer.generate_experience(prompts, prompt_mask)
+    N, P = prompts.shape
+    assert exp["input_ids"].shape[0] == 3 * N
+    # rows are prompt-major: the three samples of prompt i are rows 3i, 3i+1, 3i+2
+    assert torch.equal(exp["input_ids"][:, :P], prompts.repeat_interleave(3, dim=0))
+    base = exp["baseline_rewards"].view(N, 3)
+    assert torch.equal(base, base[:, :1].expand(N, 3))
+    torch.testing.assert_close(base[:, 0].mean().item(), stats["greedy_reward"])
+
+
+def test_ppo_experience_has_values_and_gae_returns(tiny_opt_path):
+    from algorithms import gae_advantages_and_returns, last_action_one_hot
+    from rl_math import kl_penalty
+
+    trainer = make_trainer(tiny_opt_path, algo="ppo", gamma=1.0, perturb=0.02)
+    prompts, prompt_mask = prompt_batch(trainer.tokenizer)
+    torch.manual_seed(9)
+    exp, stats, _ = trainer.generate_experience(prompts, prompt_mask)
+    P = prompts.size(1)
+    assert "baseline_rewards" not in exp and "greedy_reward" not in stats
+    # values: the critic's V before each answer action (positions P-1 .. L-2), without dropout
+    trainer.critic.eval()
+    with torch.no_grad():
+        values = trainer.critic.forward_value(exp["input_ids"], exp["attention_mask"],
+                                              return_value_only=True)
+    torch.testing.assert_close(exp["values"], values[:, P - 1:-1])
+    rewards = kl_penalty(exp["logprobs"], exp["ref_logprobs"], 0.1) \
+        + exp["rewards"].clamp(-5, 5)[:, None] * last_action_one_hot(exp["action_mask"])
+    adv, ret = gae_advantages_and_returns(rewards, exp["values"], exp["action_mask"], 1.0, 0.95)
+    torch.testing.assert_close(exp["advantages"], adv)
+    torch.testing.assert_close(exp["returns"], ret)
+    loss = trainer.compute_value_loss(exp)
+    assert loss.requires_grad and loss.item() > 0
+
+
+PIN = os.path.join(os.path.dirname(__file__), "data", "remax_pin.json")
+
+
+def test_remax_numbers_unchanged_by_the_refactor(tiny_opt_path):
+    """Experience, loss and gradients of ReMax on a fixed batch equal the values the ReMax-only
+    trainer produced (tests/data/remax_pin.json, written by it) to 1e-6."""
+    pin = json.load(open(PIN))
+    weights = sum(p.double().sum().item()
+                  for p in AutoModelForCausalLM.from_pretrained(tiny_opt_path).parameters())
+    assert weights == pytest.approx(pin["model_weight_sum"], rel=1e-9), \
+        "the tiny OPT fixture changed; the pin no longer applies"
+    trainer = make_trainer(tiny_opt_path, max_answer_seq_len=10, gamma=0.95, perturb=0.02)
+    prompts = torch.tensor(pin["prompts"])
+    prompt_mask = torch.tensor(pin["prompt_mask"])
+    torch.manual_seed(42)
+    exp, stats, _ = trainer.generate_experience(prompts, prompt_mask)
+    assert exp["input_ids"].tolist() == pin["sampled_seq"]
+    assert exp["greedy_input_ids"].tolist() == pin["greedy_seq"]
+    close = lambda a, b: pytest.approx(b, rel=1e-6, abs=1e-6) == a  # noqa: E731
+    assert close(exp["rewards"].tolist(), pin["rewards"])
+    assert close(exp["baseline_rewards"].tolist(), pin["baseline_rewards"])
+    assert close(exp["logprobs"].sum().item(), pin["logprob_sum"])
+    assert close(exp["ref_logprobs"].sum().item(), pin["ref_logprob_sum"])
+    assert close(stats["kl_ratio"], pin["kl_ratio"])
+    assert close(exp["advantages"].sum().item(), pin["returns_sum"])
+    trainer.actor.zero_grad()
+    trainer.actor.eval()  # no dropout, as when the pin was written
+    loss, _ = trainer.compute_loss(exp)
+    loss.backward()
+    assert close(loss.item(), pin["loss"])
+    grads = {n: p.grad.norm().item() for n, p in trainer.actor.named_parameters()
+             if p.grad is not None}
+    assert grads.keys() == pin["grad_norms"].keys()
+    for name, norm in pin["grad_norms"].items():
+        assert close(grads[name], norm), name
