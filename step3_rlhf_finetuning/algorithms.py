@@ -272,8 +272,10 @@ def grpo_loss(logprobs, batch, adv, cfg):
     log π_θ); averaged over each answer's tokens, then over answers."""
     per_token, clip_frac = clipped_surrogate(logprobs, batch.logprobs, adv.advantages, batch.mask,
                                              cfg.cliprange)
-    kl = k3_kl(logprobs, batch.ref_logprobs.detach())
     mask = batch.mask.to(per_token.dtype)
+    ref = batch.ref_logprobs.detach()
+    # Padding gets log π = log π_ref (k3 = 0): exp(ref - logπ) there could overflow, and inf·0 = NaN.
+    kl = k3_kl(torch.where(mask > 0, logprobs, ref), ref)
     lengths = mask.sum(dim=1).clamp(min=1)
     per_answer = ((per_token + cfg.kl_loss_coef * kl) * mask).sum(dim=1) / lengths
     kl_mean = ((kl.detach() * mask).sum(dim=1) / lengths).mean().item()

@@ -11,6 +11,7 @@ import time
 
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import torch  # noqa: E402
 from transformers import default_data_collator  # noqa: E402
 
 from algorithms import ALGORITHMS, AlgorithmSettings  # noqa: E402
@@ -26,7 +27,7 @@ from utils.data.data_utils import (DataCollatorRLHF, create_prompt_dataset,  # n
 from utils.model.model_utils import (load_hf_tokenizer, save_hf_format,  # noqa: E402
                                      save_reward_model, unwrap)
 from utils.training import MetricsLog, NonFiniteGuard, interval, make_loader, record_run  # noqa: E402
-from utils.utils import init_distributed, print_rank_0, set_random_seed  # noqa: E402
+from utils.utils import get_rank, init_distributed, print_rank_0, set_random_seed  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -109,6 +110,9 @@ def parse_args(argv=None):
     parser.add_argument("--tensorboard_path", type=str, default="step3_tensorboard")
     parser.add_argument("--print_answers", action="store_true")
     parser.add_argument("--save_answers", action="store_true")
+    parser.add_argument("--dump_first_experience", action="store_true",
+                        help="Write the first update's experience micro-batches to "
+                             "<output_dir>/experience/step_0_rank_<r>.pt (to check the math).")
     parser.add_argument("--enable_test_mode", action="store_true")
     parser.add_argument("--test_stop_step", type=int, default=0)
     parser.add_argument("--evals_per_epoch", type=int, default=20,
@@ -233,6 +237,12 @@ def evaluate_and_log(trainer, eval_loader, ppl_loader, args, state, metrics, dev
     return report
 
 
+def dump_experience(experiences, output_dir):
+    path = os.path.join(output_dir, "experience", f"step_0_rank_{get_rank()}.pt")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save([{k: v.detach().cpu() for k, v in exp.items()} for exp in experiences], path)
+
+
 def evaluation_due(state, eval_every):
     return state.global_step % eval_every == 0
 
@@ -287,6 +297,8 @@ def main():
         experiences, unsup, stats, seconds = collect_experience(
             trainer, prompt_batches, unsup_batches, args.per_device_training_batch_size, device,
             state.global_step, args.print_answers and state.global_step % 20 == 0)
+        if args.dump_first_experience and state.global_step == 0:
+            dump_experience(experiences, args.output_dir)
         train_start = time.time()
         train_means = trainer.train_step(experiences, unsup)
         seconds.update(training=time.time() - train_start, e2e=time.time() - round_start)

@@ -1,6 +1,6 @@
-"""Stage 3 (ReMax) end to end through the deepspeed launcher on the CPU, on the tiny models of
-stages 1 and 2: a few updates with finite metrics, and an actor that reloads with plain
-transformers."""
+"""Stage 3 end to end through the deepspeed launcher on the CPU, on the tiny models of stages 1 and
+2: ReMax, PPO, RLOO and GRPO, a few updates each with finite metrics, and an actor (and PPO's critic)
+that reloads without DeepSpeed."""
 import json
 import math
 import os
@@ -61,8 +61,11 @@ def test_remax_opt_lora_only(sft_opt, reward_opt, preference_data, tmp_path):
     out = str(tmp_path / "out")
     log = run_stage(3, remax_args(sft_opt, reward_opt, preference_data, out, 2, 0, 0, 1,
                                   extra=["--actor_lora_dim", 4, "--only_optimize_lora",
-                                         "--actor_lora_learning_rate", 1e-3]))
+                                         "--actor_lora_learning_rate", 1e-3,
+                                         "--num_samples_per_prompt", 2]))
     check_remax_run(out, log)
+    # two sampled answers per prompt share the greedy baseline: 4 prompts -> 8 rows per update
+    assert "2 sampled answer(s) per prompt + greedy baseline" in log
     # The saved actor has LoRA merged: plain HF keys only, and it differs from the SFT model.
     saved = AutoModelForCausalLM.from_pretrained(os.path.join(out, "actor"))
     sft = AutoModelForCausalLM.from_pretrained(sft_opt)
@@ -93,3 +96,89 @@ def test_remax_opt_with_ema_and_pretraining_mix(sft_opt, reward_opt, preference_
     ema_shift = (ema[name] - sft[name]).abs().max().item()
     actor_shift = (actor[name] - sft[name]).abs().max().item()
     assert 0 < ema_shift < actor_shift
+
+
+def check_algorithm_run(out, log, algo, updates=4):
+    records = read_metrics(out)
+    steps = [r for r in records if "train/reward" in r]
+    evals = [r for r in records if "eval/reward" in r]
+    assert len(steps) == updates
+    for record in steps:
+        for key in ("train/reward", "train/kl", "train/actor_loss", "train/advantage",
+                    "train/generation_seconds", "train/experience_seconds", "train/e2e_seconds"):
+            assert math.isfinite(record[key]), (key, record)
+        assert record["train/e2e_seconds"] >= record["train/generation_seconds"]
+    # every algorithm's evaluation reports the greedy answer too
+    assert len(evals) >= 2 and all(math.isfinite(e["eval/greedy_reward"]) for e in evals)
+    assert f"Running training: {algo}" in log
+    return steps
+
+
+def test_ppo_opt_one_rank_zero2(sft_opt, reward_opt, preference_data, tmp_path):
+    from algorithms import AlgorithmSettings, ESTIMATORS
+    from trainer import answer_batch
+    from utils.model.model_utils import create_critic_model, load_hf_tokenizer
+    from utils.model.reward_model import read_reward_checkpoint
+
+    out = str(tmp_path / "out")
+    log = run_stage(3, remax_args(sft_opt, reward_opt, preference_data, out, 2, 0, 0, 1,
+                                  extra=["--algo", "ppo", "--critic_zero_stage", 2,
+                                         "--critic_learning_rate", 1e-3,
+                                         "--disable_critic_dropout", "--dump_first_experience"]))
+    steps = check_algorithm_run(out, log, "ppo")
+    assert all(s["train/critic_loss"] > 0 for s in steps)
+    # The logged batch's advantages are the pure GAE estimator's output on it (γ 0.99, λ 0.95).
+    experiences = torch.load(os.path.join(out, "experience", "step_0_rank_0.pt"))
+    settings = AlgorithmSettings(gamma=0.99, lam=0.95, kl_ctl=0.05, clip_reward_value=5.0)
+    for exp in experiences:
+        adv = ESTIMATORS["gae"](answer_batch(exp), settings)
+        torch.testing.assert_close(exp["advantages"], adv.advantages)
+        torch.testing.assert_close(exp["returns"], adv.returns)
+    # The critic was trained and saved in the reward-model layout, which rw_eval.py reads.
+    critic_dir = os.path.join(out, "critic")
+    trained, _ = read_reward_checkpoint(critic_dir)
+    start, _ = read_reward_checkpoint(reward_opt)
+    assert trained.keys() == start.keys()
+    assert max((trained[k].float() - start[k].float()).abs().max().item() for k in trained) > 0
+    critic = create_critic_model(critic_dir, load_hf_tokenizer(critic_dir),
+                                 num_padding_at_beginning=1, rlhf_training=True)
+    assert critic.v_head.weight.abs().sum() > 0
+
+
+def test_ppo_llama_two_ranks_all_zero3(tiny_llama_path, reward_llama, preference_data, tmp_path):
+    out = str(tmp_path / "out")
+    log = run_stage(3, remax_args(tiny_llama_path, reward_llama, preference_data, out, 3, 3, 3, 0,
+                                  extra=["--algo", "ppo", "--critic_zero_stage", 3,
+                                         "--critic_learning_rate", 1e-4, "--ppo_epochs", 2,
+                                         "--critic_lora_module_name", "layers."]),
+                    num_gpus=2)
+    steps = check_algorithm_run(out, log, "ppo")
+    assert all(math.isfinite(s["train/critic_loss"]) for s in steps)
+    assert os.path.exists(os.path.join(out, "critic"))
+
+
+def test_rloo_opt_two_ranks_zero2(sft_opt, reward_opt, preference_data, tmp_path):
+    out = str(tmp_path / "out")
+    log = run_stage(3, remax_args(sft_opt, reward_opt, preference_data, out, 2, 0, 0, 1,
+                                  extra=["--algo", "rloo", "--dump_first_experience"]),
+                    num_gpus=2)
+    steps = check_algorithm_run(out, log, "rloo")
+    # RLOO's baseline is the other sample's reward: with k = 2 the two advantages of a prompt are
+    # opposite, so they average to 0 over every update.
+    assert all(abs(s["train/advantage"]) < 1e-5 for s in steps)
+    micro_batches = torch.load(os.path.join(out, "experience", "step_0_rank_1.pt"))
+    # 4 prompts x 2 samples, cut into micro-batches of the training batch size (4)
+    assert [len(exp["input_ids"]) for exp in micro_batches] == [4, 4]
+    assert all("baseline_rewards" not in exp for exp in micro_batches)
+
+
+def test_grpo_llama_one_rank_zero3(tiny_llama_path, reward_llama, preference_data, tmp_path):
+    out = str(tmp_path / "out")
+    log = run_stage(3, remax_args(tiny_llama_path, reward_llama, preference_data, out, 3, 3, 3, 0,
+                                  extra=["--algo", "grpo", "--num_samples_per_prompt", 3,
+                                         "--ppo_epochs", 2, "--actor_learning_rate", 1e-4]))
+    steps = check_algorithm_run(out, log, "grpo")
+    # normalised within each group: the advantages of a prompt's samples sum to 0
+    assert all(abs(s["train/advantage"]) < 1e-4 for s in steps)
+    # at the second pass over the experience the ratio moves off 1, so GRPO's KL term is non-zero
+    assert any(s["train/kl_loss"] > 0 for s in steps)

@@ -1,6 +1,6 @@
 #!/bin/bash
-# Stage 3 (ReMax) of a Llama-2-7b SFT actor with a Llama-2-7b reward model: the original's recipe
-# (SPEC §12): actor, reward and reference offloaded, bf16.
+# Stage 3 (ReMax) of a Llama-2-7b SFT actor with a Llama-2-7b reward model: the original's recipe:
+# actor, reward and reference offloaded, bf16.
 #   bash run_llama2_7b.sh [OUTPUT_DIR]
 # Paths come from the environment (the run is offline):
 #   ACTOR_MODEL_PATH   stage-1 output (HF format)          (default /models/llama2_7b_sft)

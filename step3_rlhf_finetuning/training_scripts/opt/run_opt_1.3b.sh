@@ -1,6 +1,5 @@
 #!/bin/bash
-# Stage 3 (ReMax) of an OPT-1.3b SFT actor with an OPT-350m reward model: the original's recipe
-# (SPEC §12).
+# Stage 3 (ReMax) of an OPT-1.3b SFT actor with an OPT-350m reward model: the original's recipe.
 #   bash run_opt_1.3b.sh [OUTPUT_DIR]
 # Paths come from the environment (the run is offline):
 #   ACTOR_MODEL_PATH   stage-1 output (HF format)          (default /models/opt_1.3b_sft)
@@ -8,8 +7,8 @@
 #   DATA_PATH          Dahoas/rm-static dataset copy        (default /data/Dahoas/rm-static)
 #   DATA_OUTPUT_PATH   tokenised-data cache, node-local     (default /tmp/data_files/opt)
 # OUTPUT_DIR defaults to ./log/step3_remax-facebook_opt_1.3b-<time>-<seed> under step3_rlhf_finetuning.
-# The original's data path here (.../datasets/rm-static) named no known dataset and failed (SPEC §13.1
-# item 4); the path must contain "Dahoas/rm-static".
+# The original's data path here (.../datasets/rm-static) named no known dataset and failed;
+# the path must contain "Dahoas/rm-static".
 # --enable_hybrid_engine needs CUDA inference kernels; elsewhere main.py warns and generates with the
 # plain HF modules.
 set -e
