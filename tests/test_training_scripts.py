@@ -30,6 +30,10 @@ STEP3_ON = ["--actor_gradient_checkpointing", "--disable_actor_dropout", "--disa
             "--enable_hybrid_engine", "--deepspeed", "--enable_tensorboard", "--print_answers",
             "--save_answers"]
 STEP3_OFFLOAD = ["--offload", "--offload_reference_model", "--offload_reward_model"]
+PPO = {**COMMON, "--algo": "ppo", "--generation_batches": 1, "--ppo_epochs": 1,
+       "--max_prompt_seq_len": 256, "--max_answer_seq_len": 256, "--actor_learning_rate": 9.65e-6,
+       "--critic_learning_rate": 5e-6, "--num_train_epochs": 1, "--num_warmup_steps": 100,
+       "--seed": 1234}
 STEP3_BF16 = ["--actor_bf16", "--reward_bf16"]
 
 SCRIPTS = {
@@ -74,6 +78,32 @@ SCRIPTS = {
         on=STEP3_ON + STEP3_OFFLOAD + STEP3_BF16 + ["--save_at_final"], off=["--target_kl"],
         parsed={"target_kl": 1.0},
         default_dir=r"step3_remax-meta_llama_Llama_2_7b_hf-{ts}-2023"),
+    # DeepSpeed-Chat's PPO recipes for the same models (the paper's baseline)
+    "step3-opt-ppo": dict(
+        path="step3_rlhf_finetuning/training_scripts/opt/run_opt_1.3b_ppo.sh", port=12346,
+        values={**PPO, "--num_padding_at_beginning": 1, "--per_device_generation_batch_size": 4,
+                "--per_device_training_batch_size": 4, "--per_device_eval_batch_size": 4,
+                "--actor_zero_stage": 2, "--critic_zero_stage": 2, "--reference_zero_stage": 0,
+                "--reward_zero_stage": 0, "--data_output_path": "/tmp/data_files/opt"},
+        on=["--disable_actor_dropout", "--enable_hybrid_engine", "--enable_ema", "--deepspeed",
+            "--enable_tensorboard"],
+        off=STEP3_OFFLOAD + STEP3_BF16 + ["--actor_gradient_checkpointing", "--gamma", "--kl_ctl"],
+        parsed={"gamma": 1.0, "kl_ctl": 0.1, "lam": 0.95, "cliprange": 0.2,
+                "cliprange_value": 0.2, "num_samples_per_prompt": 1},
+        default_dir=r"step3_ppo-facebook_opt_1\.3b-{ts}-1234"),
+    "step3-llama2-ppo": dict(
+        path="step3_rlhf_finetuning/training_scripts/llama2/run_llama2_7b_ppo.sh", port=12346,
+        values={**PPO, "--num_padding_at_beginning": 0, "--per_device_generation_batch_size": 1,
+                "--per_device_training_batch_size": 1, "--per_device_eval_batch_size": 1,
+                "--actor_weight_decay": 0.1, "--critic_weight_decay": 0.1,
+                "--actor_zero_stage": 3, "--critic_zero_stage": 3, "--reference_zero_stage": 3,
+                "--reward_zero_stage": 3, "--data_output_path": "/tmp/data_files/llama2"},
+        on=["--actor_gradient_checkpointing", "--critic_gradient_checkpointing",
+            "--disable_actor_dropout", "--offload_reference_model", "--enable_hybrid_engine",
+            "--deepspeed"],
+        off=["--offload", "--offload_reward_model"] + STEP3_BF16 + ["--gamma", "--kl_ctl"],
+        parsed={"gamma": 1.0, "kl_ctl": 0.1},
+        default_dir=r"step3_ppo-meta_llama_Llama_2_7b_hf-{ts}-1234"),
 }
 PATH_VARS = ("MODEL_PATH", "ACTOR_MODEL_PATH", "REWARD_MODEL_PATH", "DATA_PATH", "DATA_OUTPUT_PATH")
 
@@ -195,7 +225,8 @@ def test_launch_line_and_hyper_parameters(name, launched):
     # everything else passed is a path the test gave (or the output dir)
     extra = set(flags) - set(spec["values"]) - set(spec["on"])
     assert extra <= {"--data_path", "--model_name_or_path", "--actor_model_name_or_path",
-                     "--reward_model_name_or_path", "--output_dir"}, extra
+                     "--reward_model_name_or_path", "--critic_model_name_or_path",
+                     "--output_dir"}, extra
 
 
 def test_paths_come_from_the_environment(name, launched):
