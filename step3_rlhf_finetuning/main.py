@@ -71,6 +71,12 @@ def parse_args(argv=None):
     parser.add_argument("--inference_tp_size", type=int, default=1)
     parser.add_argument("--tp_gather_partition_size", type=int, default=8)
     parser.add_argument("--offload", action="store_true")
+    group = parser.add_argument_group("efficiency (each on by default; these switch one off)")
+    group.add_argument("--separate_baseline_generation", action="store_true",
+                       help="Decode the greedy baselines in a second pass instead of beside the "
+                            "sampled answers in one batched pass.")
+    group.add_argument("--separate_baseline_scoring", action="store_true",
+                       help="Score sampled and greedy answers in two reward-model forwards.")
     parser.add_argument("--offload_reference_model", action="store_true")
     parser.add_argument("--offload_reward_model", action="store_true")
     parser.add_argument("--actor_bf16", action="store_true")
@@ -210,11 +216,19 @@ def algorithm_settings(args):
                              group_size=args.num_samples_per_prompt)
 
 
-def rollout_settings(args, world_size):
+def rollout_settings(args, world_size, hybrid_engine):
+    one_pass = not args.separate_baseline_generation
+    if one_pass and hybrid_engine and ALGORITHMS[args.algo].rollout.greedy_baseline:
+        # Its generate has not been checked with a per-row logits processor: keep two passes.
+        print_rank_0("[generation] hybrid engine on: sampled and greedy answers are decoded in "
+                     "two passes")
+        one_pass = False
     return RolloutSettings(max_answer_seq_len=args.max_answer_seq_len,
                            num_samples_per_prompt=args.num_samples_per_prompt,
                            ppo_epochs=args.ppo_epochs, unsup_coef=args.unsup_coef,
-                           synced_gpus=args.actor_zero_stage == 3 and world_size > 1)
+                           synced_gpus=args.actor_zero_stage == 3 and world_size > 1,
+                           one_generation_pass=one_pass,
+                           one_reward_pass=not args.separate_baseline_scoring)
 
 
 def save_models(engine, tokenizer, args):
@@ -277,7 +291,7 @@ def main():
         engine.actor.optimizer.quantize_nontrainable_params()
         print_rank_0("Mixed Precision ZeRO++ enabled")
     trainer = PolicyTrainer(engine, algorithm, algorithm_settings(args),
-                            rollout_settings(args, world_size))
+                            rollout_settings(args, world_size, engine.hybrid_engine))
     metrics = MetricsLog(args.output_dir, args.enable_tensorboard)
     log_step = StepLog(args, metrics, world_size,
                        update_flops(args, unwrap(engine.actor).config, args.num_samples_per_prompt,

@@ -66,9 +66,10 @@ class RLHFEngine:
 
     def _init_actor(self, num_total_iters):
         args = self.args
+        self.hybrid_engine = resolve_hybrid_engine(args.enable_hybrid_engine)
         config = get_train_ds_config(
             offload=args.offload, stage=args.actor_zero_stage,
-            enable_hybrid_engine=resolve_hybrid_engine(args.enable_hybrid_engine),
+            enable_hybrid_engine=self.hybrid_engine,
             inference_tp_size=args.inference_tp_size,
             release_inference_cache=args.release_inference_cache,
             pin_parameters=not args.unpin_actor_parameters,
@@ -82,16 +83,7 @@ class RLHFEngine:
         model = create_hf_model(AutoModelForCausalLM, args.actor_model_name_or_path,
                                 self.tokenizer, config, disable_dropout=args.disable_actor_dropout)
         check_tokenizer_contract(self.tokenizer, model.config, "actor")
-        apply_lora(model, args.actor_lora_dim, args.actor_lora_module_name,
-                   args.only_optimize_lora, flag_name="--actor_lora_module_name")
-        engine = init_train_engine(model, args, config, args.actor_learning_rate,
-                                   args.actor_weight_decay, args.actor_lora_learning_rate,
-                                   num_total_iters, args.lr_scheduler_type, args.num_warmup_steps)
-        # Once for the run: it acts only on training forwards with gradients (the original switched
-        # it on and off at every update, and each switch-on adds a hook in transformers 5).
-        if args.actor_gradient_checkpointing:
-            unwrap(engine).gradient_checkpointing_enable()
-        return engine
+        return self._trained_engine(model, "actor", config, num_total_iters)
 
     def _init_critic(self, num_total_iters):
         """PPO's value model: a reward-model-layout checkpoint (by default the reward model itself)
@@ -105,12 +97,21 @@ class RLHFEngine:
         model = create_critic_model(args.critic_model_name_or_path, self.tokenizer, config,
                                     args.num_padding_at_beginning, rlhf_training=True,
                                     disable_dropout=args.disable_critic_dropout)
-        apply_lora(model, args.critic_lora_dim, args.critic_lora_module_name,
-                   args.only_optimize_lora, flag_name="--critic_lora_module_name")
-        engine = init_train_engine(model, args, config, args.critic_learning_rate,
-                                   args.critic_weight_decay, args.critic_lora_learning_rate,
+        return self._trained_engine(model, "critic", config, num_total_iters)
+
+    def _trained_engine(self, model, who, config, num_total_iters):
+        """LoRA, optimizer, LR schedule and gradient checkpointing of a trained model, from the
+        `--<who>_*` flags (who: "actor" or "critic")."""
+        args = self.args
+        flag = lambda name: getattr(args, f"{who}_{name}")  # noqa: E731
+        apply_lora(model, flag("lora_dim"), flag("lora_module_name"), args.only_optimize_lora,
+                   flag_name=f"--{who}_lora_module_name")
+        engine = init_train_engine(model, args, config, flag("learning_rate"),
+                                   flag("weight_decay"), flag("lora_learning_rate"),
                                    num_total_iters, args.lr_scheduler_type, args.num_warmup_steps)
-        if args.critic_gradient_checkpointing:
+        # Once for the run: it acts only on training forwards with gradients (the original switched
+        # it on and off at every update, and each switch-on adds a hook in transformers 5).
+        if flag("gradient_checkpointing"):
             unwrap(engine).gradient_checkpointing_enable()
         return engine
 

@@ -10,12 +10,14 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
+from transformers import LogitsProcessor
 
 from algorithms import Advantages, AnswerBatch, clipped_value_loss
 from rl_math import (action_mask_from_sequences, answer_lengths, entropy_and_full_kl_from_logits,
                      fix_degenerate_answers, gather_log_probs, masked_mean, truncated_rate)
 from rlhf_engine import moving_average
 from utils.model.model_utils import unwrap
+from utils.model.reward_model import answer_end_index
 from utils.utils import get_rank
 
 # The original's sampling settings (HF defaults filled in explicitly: top_k 50 was active too).
@@ -30,6 +32,22 @@ class RolloutSettings:
     ppo_epochs: int = 1
     unsup_coef: float = 0.0
     synced_gpus: bool = False   # ZeRO-3 actor on several ranks: every rank runs the same forwards
+    one_generation_pass: bool = True   # sampled and greedy answers in one batched decode
+    one_reward_pass: bool = True       # the reward model once over sampled and greedy answers
+
+
+class ArgmaxRows(LogitsProcessor):
+    """Leaves only the arg-max logit of the rows in `rows` ([B] bool), so they decode greedily
+    inside a sampled batch; the other rows keep the exact sampling distribution. HF applies custom
+    processors before its top-k / top-p warpers, which keep the arg-max, so those rows sample it."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __call__(self, input_ids, scores):
+        best = scores.argmax(dim=-1, keepdim=True)
+        only_best = torch.full_like(scores, float("-inf")).scatter(1, best, scores.gather(1, best))
+        return torch.where(self.rows.to(scores.device).unsqueeze(1), only_best, scores)
 
 
 class PolicyTrainer:
@@ -58,18 +76,39 @@ class PolicyTrainer:
 
     # ------------------------------------------------------------------ generation
 
-    def _generate(self, prompts, prompt_mask, do_sample):
+    def _generate(self, prompts, prompt_mask, do_sample, greedy_rows=None):
         """[B, P] left-padded prompts -> [B, L] prompt + answer (at most max_answer_seq_len new
-        tokens, finished rows filled with pad = eos). With a ZeRO-3 actor on several ranks every
-        rank runs the same number of forwards (synced_gpus), so differing lengths never hang."""
+        tokens, finished rows filled with pad = eos). `greedy_rows` ([B] bool): rows decoded
+        greedily inside a sampled call. With a ZeRO-3 actor on several ranks every rank runs the
+        same number of forwards (synced_gpus), so differing lengths never hang."""
         sampling = dict(do_sample=True, top_p=TOP_P, top_k=TOP_K, temperature=TEMPERATURE) \
             if do_sample else dict(do_sample=False, top_p=None, top_k=None, temperature=None)
+        if greedy_rows is not None:
+            sampling["logits_processor"] = [ArgmaxRows(greedy_rows)]
         with torch.no_grad():
             return unwrap(self.actor).generate(
                 input_ids=prompts, attention_mask=prompt_mask,
                 max_new_tokens=self.rollout.max_answer_seq_len, pad_token_id=self.pad_token_id,
                 eos_token_id=self.eos_token_ids, synced_gpus=self.rollout.synced_gpus,
                 use_cache=True, **sampling)
+
+    def _decode(self, prompts, prompt_mask, num_samples, with_greedy):
+        """k sampled answers per prompt (rows prompt-major) and, `with_greedy`, one greedy answer
+        per prompt: in one batched call (greedy rows last) unless `one_generation_pass` is off.
+        Returns (sampled [N·k, L], greedy [N, L'] or None)."""
+        sampled_prompts = prompts.repeat_interleave(num_samples, dim=0)
+        sampled_mask = prompt_mask.repeat_interleave(num_samples, dim=0)
+        if not with_greedy:
+            return self._generate(sampled_prompts, sampled_mask, do_sample=True), None
+        if not self.rollout.one_generation_pass:
+            return (self._generate(sampled_prompts, sampled_mask, do_sample=True),
+                    self._generate(prompts, prompt_mask, do_sample=False))
+        rows = sampled_prompts.size(0)
+        greedy_rows = torch.arange(rows + prompts.size(0), device=prompts.device) >= rows
+        both = self._generate(torch.cat([sampled_prompts, prompts]),
+                              torch.cat([sampled_mask, prompt_mask]), do_sample=True,
+                              greedy_rows=greedy_rows)
+        return both[:rows], both[rows:]
 
     def _finish_sequences(self, seq, prompt_len):
         """Apply the original's degenerate-answer patch; return (seq, truncated share, patched
@@ -103,6 +142,18 @@ class PolicyTrainer:
     def _reward(self, seq, mask, prompt_len):
         out = self.reward.forward_value(seq, mask, prompt_length=prompt_len)
         return out["chosen_end_scores"].float()
+
+    def _rewards_together(self, batches, prompt_len):
+        """Rewards of several (seq [B_i, L_i], mask) batches in one forward: right-padded to one
+        length, each score read at the end index of its unpadded row (causal attention: padding
+        after a position leaves its value unchanged). Returns [Σ B_i] float32."""
+        length = max(seq.size(1) for seq, _ in batches)
+        pad = lambda t, value: torch.nn.functional.pad(t, (0, length - t.size(1)), value=value)  # noqa: E731
+        seq = torch.cat([pad(s, self.pad_token_id) for s, _ in batches])
+        mask = torch.cat([pad(m, 0) for _, m in batches])
+        ends = torch.cat([answer_end_index(s, self.pad_token_id, prompt_len) for s, _ in batches])
+        values = self.reward.forward_value(seq, mask, return_value_only=True)
+        return values.gather(1, ends.unsqueeze(1)).squeeze(1).float()
 
     def _enter_generation(self):
         for engine in (self.actor, self.ref, self.reward, self.critic):
@@ -160,56 +211,73 @@ class PolicyTrainer:
         prompt_len = prompts.size(1)
         self._enter_generation()
         start = time.time()
-        sampled_prompts = prompts.repeat_interleave(num_samples, dim=0)
-        sampled_mask = prompt_mask.repeat_interleave(num_samples, dim=0)
-        seq = self._generate(sampled_prompts, sampled_mask, do_sample=True)
-        greedy_seq = self._generate(prompts, prompt_mask, do_sample=False) if with_greedy else None
+        seq, greedy_seq = self._decode(prompts, prompt_mask, num_samples, with_greedy)
         generation_seconds = time.time() - start
         self._enter_scoring()
 
         start = time.time()
+        sampled_prompts = prompts.repeat_interleave(num_samples, dim=0)
         seq, truncated, patched = self._finish_sequences(seq, prompt_len)
-        mask = self._scoring_mask(seq, sampled_mask, prompt_len)
+        mask = self._scoring_mask(seq, prompt_mask.repeat_interleave(num_samples, dim=0),
+                                  prompt_len)
         if print_answers:
             self._print_answers(seq, prompt_len, step, "model")
-        actor_logits = self._answer_logits(self.actor, seq, mask, prompt_len)      # [B, T+1, V]
-        ref_logits = self._answer_logits(self.ref, seq, mask, prompt_len)
-        answer = seq[:, prompt_len:]
-        exp = {"prompts": sampled_prompts, "input_ids": seq, "attention_mask": mask,
-               "logprobs": gather_log_probs(actor_logits[:, :-1], answer),
-               "ref_logprobs": gather_log_probs(ref_logits[:, :-1], answer),
-               "action_mask": mask[:, prompt_len:],
-               "rewards": self._reward(seq, mask, prompt_len)}
-        entropy, full_kl = entropy_and_full_kl_from_logits(actor_logits, ref_logits, chunk_size=64)
-        del actor_logits, ref_logits
-        # The original's metric convention: from position P - 1, so the distribution after the EOS
-        # counts too (kept so numbers compare with published logs).
-        metric_mask = mask[:, prompt_len - 1:]
-        stats = {"reward": exp["rewards"].mean().item(), "truncated": truncated,
-                 "patched": patched, "length": answer_lengths(mask, prompt_len).mean().item(),
-                 "kl": masked_mean(full_kl, metric_mask).item(),
-                 "max_kl": (full_kl * metric_mask.float()).max().item(),
-                 "entropy": masked_mean(entropy, metric_mask).item()}
+        exp, stats = self._score_policy(seq, mask, prompt_len)
+        exp["prompts"] = sampled_prompts
+        stats.update(truncated=truncated, patched=patched)
         if with_critic:
             exp["values"] = self._answer_values(self.critic, seq, mask, prompt_len)
-        if greedy_seq is not None:
+        if greedy_seq is None:
+            exp["rewards"] = self._reward(seq, mask, prompt_len)
+        else:
             greedy_seq, greedy_truncated, _ = self._finish_sequences(greedy_seq, prompt_len)
             greedy_mask = self._scoring_mask(greedy_seq, prompt_mask, prompt_len)
             if print_answers:
                 self._print_answers(greedy_seq, prompt_len, step, "greedy")
-            greedy_reward = self._reward(greedy_seq, greedy_mask, prompt_len)
+            exp["rewards"], greedy_reward = self._sampled_and_greedy_rewards(
+                (seq, mask), (greedy_seq, greedy_mask), prompt_len)
             # k samples share their prompt's one greedy baseline.
             exp["baseline_rewards"] = greedy_reward.repeat_interleave(num_samples, dim=0)
             exp["greedy_input_ids"] = greedy_seq.repeat_interleave(num_samples, dim=0)
             stats.update(greedy_reward=greedy_reward.mean().item(),
                          greedy_truncated=greedy_truncated,
                          greedy_length=answer_lengths(greedy_mask, prompt_len).mean().item())
+        stats["reward"] = exp["rewards"].mean().item()
         # The original scored in train mode, so dropout (when not disabled) perturbed the stored
         # log-probs; we score without dropout.
         self.actor.train()
         if self.critic is not None:
             self.critic.train()
         return exp, stats, {"generation": generation_seconds, "experience": time.time() - start}
+
+    def _score_policy(self, seq, mask, prompt_len):
+        """Actor and reference log-probs of the answer actions, and the entropy / KL metrics.
+        Returns (experience tensors, stats)."""
+        actor_logits = self._answer_logits(self.actor, seq, mask, prompt_len)      # [B, T+1, V]
+        ref_logits = self._answer_logits(self.ref, seq, mask, prompt_len)
+        answer = seq[:, prompt_len:]
+        exp = {"input_ids": seq, "attention_mask": mask,
+               "logprobs": gather_log_probs(actor_logits[:, :-1], answer),
+               "ref_logprobs": gather_log_probs(ref_logits[:, :-1], answer),
+               "action_mask": mask[:, prompt_len:]}
+        entropy, full_kl = entropy_and_full_kl_from_logits(actor_logits, ref_logits, chunk_size=64)
+        # The original's metric convention: from position P - 1, so the distribution after the EOS
+        # counts too (kept so numbers compare with published logs).
+        metric_mask = mask[:, prompt_len - 1:]
+        stats = {"length": answer_lengths(mask, prompt_len).mean().item(),
+                 "kl": masked_mean(full_kl, metric_mask).item(),
+                 "max_kl": (full_kl * metric_mask.float()).max().item(),
+                 "entropy": masked_mean(entropy, metric_mask).item()}
+        return exp, stats
+
+    def _sampled_and_greedy_rewards(self, sampled, greedy, prompt_len):
+        """(sampled rewards, greedy rewards) of two (seq, mask) batches: one reward forward over
+        both unless `one_reward_pass` is off."""
+        if not self.rollout.one_reward_pass:
+            return self._reward(*sampled, prompt_len), self._reward(*greedy, prompt_len)
+        rewards = self._rewards_together([sampled, greedy], prompt_len)
+        rows = sampled[0].size(0)
+        return rewards[:rows], rewards[rows:]
 
     def _print_answers(self, seq, prompt_len, step, tag):
         decode = lambda ids: self.tokenizer.batch_decode(ids, skip_special_tokens=True)  # noqa: E731

@@ -22,7 +22,8 @@ PROMPTS = ["\n\nHuman: Tell me about the moon?\n\nAssistant:", "\n\nHuman: Hi?\n
            "\n\nHuman: Explain the history of the river city in a few words?\n\nAssistant:"]
 
 
-def make_trainer(path, algo="remax", samples=1, max_answer_seq_len=8, gamma=0.9, perturb=0.0):
+def make_trainer(path, algo="remax", samples=1, max_answer_seq_len=8, gamma=0.9, perturb=0.0,
+                 one_generation_pass=True, one_reward_pass=True):
     """A PolicyTrainer over plain modules (the engine's interface without DeepSpeed)."""
     torch.manual_seed(0)
     tok = load_hf_tokenizer(path)
@@ -39,13 +40,19 @@ def make_trainer(path, algo="remax", samples=1, max_answer_seq_len=8, gamma=0.9,
                              critic=critic, tokenizer=tok)
     settings = AlgorithmSettings(gamma=gamma, kl_ctl=0.1, clip_reward_value=5.0,
                                  group_size=samples)
-    rollout = RolloutSettings(max_answer_seq_len=max_answer_seq_len, num_samples_per_prompt=samples)
+    rollout = RolloutSettings(max_answer_seq_len=max_answer_seq_len, num_samples_per_prompt=samples,
+                              one_generation_pass=one_generation_pass,
+                              one_reward_pass=one_reward_pass)
     return PolicyTrainer(engine, ALGORITHMS[algo], settings, rollout)
 
 
 @pytest.fixture(scope="module")
 def trainer(tiny_opt_path):
     return make_trainer(tiny_opt_path)
+
+
+def pad_to(seq, length, pad_token_id):
+    return torch.nn.functional.pad(seq, (0, length - seq.size(1)), value=pad_token_id)
 
 
 def prompt_batch(tok, max_len=32):
@@ -101,9 +108,10 @@ def test_greedy_baseline_is_deterministic_and_scored(trainer):
     torch.manual_seed(7)
     exp, stats, _ = trainer.generate_experience(prompts, prompt_mask)
     greedy = exp["greedy_input_ids"]
-    # The baseline comes from the prompt alone with the same weights: it equals a fresh greedy decode.
+    # The baseline comes from the prompt alone with the same weights: it equals a fresh greedy
+    # decode token for token (decoded beside the sampled rows, it may carry more trailing padding).
     fixed, _, _ = trainer._finish_sequences(first, P)
-    assert torch.equal(greedy, fixed)
+    assert torch.equal(greedy, pad_to(fixed, greedy.size(1), tok.pad_token_id))
     greedy_mask = trainer._scoring_mask(greedy, prompt_mask, P)
     with torch.no_grad():
         expected = trainer.reward.forward_value(greedy, greedy_mask, prompt_length=P)
@@ -190,7 +198,10 @@ def test_remax_numbers_unchanged_by_the_refactor(tiny_opt_path):
                   for p in AutoModelForCausalLM.from_pretrained(tiny_opt_path).parameters())
     assert weights == pytest.approx(pin["model_weight_sum"], rel=1e-9), \
         "the tiny OPT fixture changed; the pin no longer applies"
-    trainer = make_trainer(tiny_opt_path, max_answer_seq_len=10, gamma=0.95, perturb=0.02)
+    # the faithful path: two decoding passes, as the ReMax-only trainer ran them; the reward model
+    # scores sampled and greedy answers in one pass (which must not change a reward)
+    trainer = make_trainer(tiny_opt_path, max_answer_seq_len=10, gamma=0.95, perturb=0.02,
+                           one_generation_pass=False, one_reward_pass=True)
     prompts = torch.tensor(pin["prompts"])
     prompt_mask = torch.tensor(pin["prompt_mask"])
     torch.manual_seed(42)
@@ -214,3 +225,75 @@ def test_remax_numbers_unchanged_by_the_refactor(tiny_opt_path):
     assert grads.keys() == pin["grad_norms"].keys()
     for name, norm in pin["grad_norms"].items():
         assert close(grads[name], norm), name
+
+
+def test_one_pass_greedy_rows_equal_a_separate_greedy_decode(tiny_opt_path):
+    trainer = make_trainer(tiny_opt_path, samples=2, max_answer_seq_len=12)
+    tok = trainer.tokenizer
+    prompts, prompt_mask = prompt_batch(tok)
+    trainer.actor.eval()
+    torch.manual_seed(11)
+    sampled, greedy = trainer._decode(prompts, prompt_mask, 2, with_greedy=True)
+    assert sampled.shape[0] == 6 and greedy.shape[0] == 3 and sampled.shape[1] == greedy.shape[1]
+    separate = trainer._generate(prompts, prompt_mask, do_sample=False)
+    assert torch.equal(greedy, pad_to(separate, greedy.size(1), tok.pad_token_id))
+
+
+def reference_top_k_top_p_step(logits, top_k=50, top_p=0.9):
+    """The sampling distribution by hand: keep the top_k largest logits, then the smallest set of
+    the largest whose probability reaches top_p (at least one), renormalise."""
+    kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+    logits = logits.masked_fill(logits < kth, float("-inf"))
+    ascending, order = torch.sort(logits, dim=-1)
+    cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cumulative <= 1 - top_p
+    drop_sorted[:, -1] = False
+    drop = drop_sorted.scatter(1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+
+
+def test_one_pass_sampled_rows_follow_the_top_k_top_p_distribution(tiny_opt_path):
+    """Replays the one-pass decode with a hand-written sampler (full forward at every step, the same
+    RNG stream): sampled rows follow top-k 50 then top-p 0.9, greedy rows take the arg-max."""
+    trainer = make_trainer(tiny_opt_path, samples=2, max_answer_seq_len=6)
+    tok = trainer.tokenizer
+    prompts, prompt_mask = prompt_batch(tok)
+    trainer.actor.eval()
+    torch.manual_seed(21)
+    sampled, greedy = trainer._decode(prompts, prompt_mask, 2, with_greedy=True)
+    produced = torch.cat([sampled, greedy])
+
+    torch.manual_seed(21)
+    seq = torch.cat([prompts.repeat_interleave(2, dim=0), prompts])
+    mask = torch.cat([prompt_mask.repeat_interleave(2, dim=0), prompt_mask])
+    greedy_rows = torch.arange(seq.size(0)) >= 6
+    finished = torch.zeros(seq.size(0), dtype=torch.bool)
+    for _ in range(produced.size(1) - prompts.size(1)):
+        with torch.no_grad():
+            logits = trainer.actor(seq, attention_mask=mask).logits[:, -1].float()
+        probs = reference_top_k_top_p_step(logits)
+        one_hot = torch.zeros_like(probs).scatter(1, logits.argmax(-1, keepdim=True), 1.0)
+        probs = torch.where(greedy_rows[:, None], one_hot, probs)
+        token = torch.multinomial(probs, 1).squeeze(1)
+        token = torch.where(finished, torch.full_like(token, tok.pad_token_id), token)
+        finished |= token == tok.eos_token_id
+        seq = torch.cat([seq, token[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(token)[:, None]], dim=1)
+    assert torch.equal(seq, produced)
+
+
+def test_rewards_in_one_forward_equal_separate_forwards(tiny_opt_path):
+    trainer = make_trainer(tiny_opt_path, max_answer_seq_len=8)
+    tok = trainer.tokenizer
+    prompts, prompt_mask = prompt_batch(tok)
+    P = prompts.size(1)
+    torch.manual_seed(4)
+    trainer.actor.eval()
+    sampled = trainer._generate(prompts, prompt_mask, do_sample=True)
+    greedy = trainer._generate(prompts, prompt_mask, do_sample=False)
+    # a batch that ended after one token, whose reward is read at its last column
+    short = torch.cat([prompts, torch.full((3, 1), tok.encode(" ", add_special_tokens=False)[-1])], 1)
+    batches = [(s, trainer._scoring_mask(s, prompt_mask, P)) for s in (sampled, greedy, short)]
+    together = trainer._rewards_together(batches, P)
+    separate = torch.cat([trainer._reward(s, m, P) for s, m in batches])
+    torch.testing.assert_close(together, separate, rtol=1e-5, atol=1e-5)
