@@ -31,7 +31,8 @@ def evaluate_policy(trainer, eval_loader, ppl_loader, args, global_step, device)
             sums[key] += stats[key]
         batches += 1
         if args.save_answers and i < 10:
-            answers += decode_answers(trainer.tokenizer, exp, prompts.size(1), global_step)
+            answers += decode_answers(trainer.tokenizer, exp, exp["prompts"].size(1),
+                                      global_step)
     totals = all_reduce_sum([sums[k] for k in EVAL_KEYS] + [batches])
     count = max(totals[-1], 1.0)
     report = {k: v / count for k, v in zip(EVAL_KEYS, totals[:-1])}

@@ -77,6 +77,9 @@ def parse_args(argv=None):
                             "sampled answers in one batched pass.")
     group.add_argument("--separate_baseline_scoring", action="store_true",
                        help="Score sampled and greedy answers in two reward-model forwards.")
+    group.add_argument("--pad_prompts_to_max_len", action="store_true",
+                       help="Keep every prompt batch padded to --max_prompt_seq_len (default: to "
+                            "the batch's longest prompt).")
     parser.add_argument("--offload_reference_model", action="store_true")
     parser.add_argument("--offload_reward_model", action="store_true")
     parser.add_argument("--actor_bf16", action="store_true")
@@ -228,7 +231,8 @@ def rollout_settings(args, world_size, hybrid_engine):
                            ppo_epochs=args.ppo_epochs, unsup_coef=args.unsup_coef,
                            synced_gpus=args.actor_zero_stage == 3 and world_size > 1,
                            one_generation_pass=one_pass,
-                           one_reward_pass=not args.separate_baseline_scoring)
+                           one_reward_pass=not args.separate_baseline_scoring,
+                           trim_prompt_padding=not args.pad_prompts_to_max_len)
 
 
 def save_models(engine, tokenizer, args):

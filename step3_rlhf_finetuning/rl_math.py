@@ -21,6 +21,7 @@ __all__ = [
     "masked_max_from",
     "answer_lengths",
     "truncated_rate",
+    "trim_left_padding",
 ]
 
 
@@ -143,3 +144,12 @@ def truncated_rate(seq, prompt_len, pad_token_id):
     """
     has_eos = (seq[:, prompt_len:] == pad_token_id).any(dim=1)
     return (~has_eos).float().mean()
+
+
+def trim_left_padding(prompts, prompt_mask):
+    """Drop the leading columns that are padding in every row: left-padded [B, P] prompts and
+    mask -> [B, P'] with P' the batch's longest prompt. OPT's positions come from the mask and
+    Llama's rotary attention depends on relative positions only, so nothing downstream changes."""
+    used = prompt_mask.bool().any(dim=0).nonzero()
+    first = int(used[0]) if len(used) else 0
+    return prompts[:, first:], prompt_mask[:, first:]

@@ -66,7 +66,8 @@ class RLHFEngine:
 
     def _init_actor(self, num_total_iters):
         args = self.args
-        self.hybrid_engine = resolve_hybrid_engine(args.enable_hybrid_engine)
+        self.hybrid_engine = resolve_hybrid_engine(args.enable_hybrid_engine,
+                                                   model_path=args.actor_model_name_or_path)
         config = get_train_ds_config(
             offload=args.offload, stage=args.actor_zero_stage,
             enable_hybrid_engine=self.hybrid_engine,

@@ -14,7 +14,8 @@ from transformers import LogitsProcessor
 
 from algorithms import Advantages, AnswerBatch, clipped_value_loss
 from rl_math import (action_mask_from_sequences, answer_lengths, entropy_and_full_kl_from_logits,
-                     fix_degenerate_answers, gather_log_probs, masked_mean, truncated_rate)
+                     fix_degenerate_answers, gather_log_probs, masked_mean, trim_left_padding,
+                     truncated_rate)
 from rlhf_engine import moving_average
 from utils.model.model_utils import unwrap
 from utils.model.reward_model import answer_end_index
@@ -34,6 +35,7 @@ class RolloutSettings:
     synced_gpus: bool = False   # ZeRO-3 actor on several ranks: every rank runs the same forwards
     one_generation_pass: bool = True   # sampled and greedy answers in one batched decode
     one_reward_pass: bool = True       # the reward model once over sampled and greedy answers
+    trim_prompt_padding: bool = True   # prompts padded to the batch's longest, not max_prompt_seq_len
 
 
 class ArgmaxRows(LogitsProcessor):
@@ -208,6 +210,8 @@ class PolicyTrainer:
     @torch.no_grad()
     def _experience(self, prompts, prompt_mask, num_samples, with_greedy, with_critic, step=0,
                     print_answers=False):
+        if self.rollout.trim_prompt_padding:
+            prompts, prompt_mask = trim_left_padding(prompts, prompt_mask)
         prompt_len = prompts.size(1)
         self._enter_generation()
         start = time.time()

@@ -1,4 +1,4 @@
-"""DeepSpeed config builders against SPEC §5, precision and hybrid-engine resolution."""
+"""DeepSpeed config builders (the original's fields), precision and hybrid-engine resolution."""
 import logging
 
 import pytest

@@ -23,7 +23,7 @@ PROMPTS = ["\n\nHuman: Tell me about the moon?\n\nAssistant:", "\n\nHuman: Hi?\n
 
 
 def make_trainer(path, algo="remax", samples=1, max_answer_seq_len=8, gamma=0.9, perturb=0.0,
-                 one_generation_pass=True, one_reward_pass=True):
+                 one_generation_pass=True, one_reward_pass=True, trim_prompt_padding=True):
     """A PolicyTrainer over plain modules (the engine's interface without DeepSpeed)."""
     torch.manual_seed(0)
     tok = load_hf_tokenizer(path)
@@ -42,7 +42,8 @@ def make_trainer(path, algo="remax", samples=1, max_answer_seq_len=8, gamma=0.9,
                                  group_size=samples)
     rollout = RolloutSettings(max_answer_seq_len=max_answer_seq_len, num_samples_per_prompt=samples,
                               one_generation_pass=one_generation_pass,
-                              one_reward_pass=one_reward_pass)
+                              one_reward_pass=one_reward_pass,
+                              trim_prompt_padding=trim_prompt_padding)
     return PolicyTrainer(engine, ALGORITHMS[algo], settings, rollout)
 
 
@@ -201,7 +202,8 @@ def test_remax_numbers_unchanged_by_the_refactor(tiny_opt_path):
     # the faithful path: two decoding passes, as the ReMax-only trainer ran them; the reward model
     # scores sampled and greedy answers in one pass (which must not change a reward)
     trainer = make_trainer(tiny_opt_path, max_answer_seq_len=10, gamma=0.95, perturb=0.02,
-                           one_generation_pass=False, one_reward_pass=True)
+                           one_generation_pass=False, one_reward_pass=True,
+                           trim_prompt_padding=False)
     prompts = torch.tensor(pin["prompts"])
     prompt_mask = torch.tensor(pin["prompt_mask"])
     torch.manual_seed(42)
@@ -297,3 +299,32 @@ def test_rewards_in_one_forward_equal_separate_forwards(tiny_opt_path):
     together = trainer._rewards_together(batches, P)
     separate = torch.cat([trainer._reward(s, m, P) for s, m in batches])
     torch.testing.assert_close(together, separate, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_trimmed_prompt_padding_changes_no_reward_or_log_prob(family, tiny_opt_path,
+                                                              tiny_llama_path):
+    """Prompts padded to the batch's longest instead of max_prompt_seq_len: the same answers get
+    the same rewards and log-probs (OPT's positions come from the mask; Llama's rotary attention
+    depends on relative positions only)."""
+    from rl_math import trim_left_padding
+
+    trainer = make_trainer(tiny_opt_path if family == "opt" else tiny_llama_path)
+    tok = trainer.tokenizer
+    prompts, prompt_mask = prompt_batch(tok, max_len=96)
+    trimmed, trimmed_mask = trim_left_padding(prompts, prompt_mask)
+    cut = prompts.size(1) - trimmed.size(1)
+    assert cut > 0 and torch.equal(prompt_mask[:, :cut], torch.zeros_like(prompt_mask[:, :cut]))
+    trainer.actor.eval()
+    torch.manual_seed(2)
+    answers = trainer._generate(trimmed, trimmed_mask, do_sample=True)[:, trimmed.size(1):]
+    results = []
+    for p, m in ((prompts, prompt_mask), (trimmed, trimmed_mask)):
+        seq = torch.cat([p, answers], dim=1)
+        mask = trainer._scoring_mask(seq, m, p.size(1))
+        with torch.no_grad():
+            exp, _ = trainer._score_policy(seq, mask, p.size(1))
+            results.append((trainer._reward(seq, mask, p.size(1)), exp["logprobs"],
+                            exp["ref_logprobs"]))
+    for full, short in zip(*results):
+        torch.testing.assert_close(full, short, rtol=1e-5, atol=1e-5)

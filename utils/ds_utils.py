@@ -1,8 +1,10 @@
-"""DeepSpeed config builders (SPEC §5): pure functions returning dicts, plus accelerator look-ups.
+"""DeepSpeed config builders: pure functions returning dicts, plus accelerator look-ups.
 
 The builders reproduce the original's configs field for field. Two deliberate differences, both for
 accelerators other than CUDA: the precision falls back to fp32 (DeepSpeed's CPU accelerator cannot train
 in fp16), and the hybrid engine is switched off with one warning (its inference kernels are CUDA-only).
+On CUDA the hybrid engine is also switched off, with one warning, for a model whose decoder layers do
+not follow the tuple contract of DeepSpeed's injected layers (utils/hybrid_engine_check.py).
 """
 import logging
 
@@ -48,19 +50,35 @@ def hybrid_engine_supported(accelerator_name: str) -> bool:
     return accelerator_name == "cuda"
 
 
-def resolve_hybrid_engine(requested: bool, accelerator_name: str = None) -> bool:
-    """The `--enable_hybrid_engine` decision to pass to `get_train_ds_config`; warns once when it is dropped."""
+def resolve_hybrid_engine(requested: bool, accelerator_name: str = None, model_path: str = None) -> bool:
+    """The `--enable_hybrid_engine` decision to pass to `get_train_ds_config`; warns once when it is dropped.
+
+    Dropped off CUDA (no inference kernels), and on CUDA when `model_path` (the actor's config or
+    checkpoint directory) is given and `hybrid_engine_layer_contract` finds its decoder layers
+    incompatible with DeepSpeed's injected ones; generation then uses the Hugging Face modules.
+    """
     if not requested:
         return False
     accelerator_name = accelerator_name or current_accelerator_name()
-    if hybrid_engine_supported(accelerator_name):
-        return True
-    log_once_on_rank_0(
-        f"--enable_hybrid_engine is ignored on the '{accelerator_name}' accelerator: DeepSpeed's hybrid "
-        "engine needs CUDA inference kernels. Generation uses the HuggingFace forward instead.",
-        logging.WARNING,
-    )
-    return False
+    if not hybrid_engine_supported(accelerator_name):
+        log_once_on_rank_0(
+            f"--enable_hybrid_engine is ignored on the '{accelerator_name}' accelerator: DeepSpeed's hybrid "
+            "engine needs CUDA inference kernels. Generation uses the HuggingFace forward instead.",
+            logging.WARNING,
+        )
+        return False
+    if model_path is not None:
+        from utils.hybrid_engine_check import VERDICT_TAG, hybrid_engine_layer_contract
+
+        compatible, reason = hybrid_engine_layer_contract(model_path)
+        if not compatible:
+            log_once_on_rank_0(
+                f"{VERDICT_TAG} --enable_hybrid_engine is ignored for {model_path}: {reason}. Generation "
+                "falls back to the Hugging Face path (the model's own generate, no injected kernels).",
+                logging.WARNING,
+            )
+            return False
+    return True
 
 
 def _precision_blocks(precision: str, bf16: bool, fp16_extra: dict) -> dict:
@@ -110,7 +128,7 @@ def get_train_ds_config(offload,
                         precision=None,
                         world_size=None,
                         device_count=None) -> dict:
-    """Config of a trained engine (SPEC §5). `enable_hybrid_engine` is the final decision
+    """Config of a trained engine, the original's fields. `enable_hybrid_engine` is the final decision
     (see `resolve_hybrid_engine`); `precision=None` resolves from `bf16` and the current accelerator;
     `world_size`/`device_count` default to the live values and matter only for mixed-precision LoRA."""
     device = "cpu" if offload else "none"
@@ -151,7 +169,7 @@ def get_train_ds_config(offload,
 
 
 def get_eval_ds_config(offload, stage=0, bf16=False, memory_efficient_linear=False, precision=None) -> dict:
-    """Config of a frozen engine (reference / reward model, SPEC §5): no optimizer offload, no tensorboard."""
+    """Config of a frozen engine (reference / reward model): no optimizer offload, no tensorboard."""
     return {
         "train_batch_size": GLOBAL_BATCH_SIZE,
         "train_micro_batch_size_per_gpu": MICRO_BATCH_SIZE,
