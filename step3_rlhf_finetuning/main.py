@@ -77,6 +77,9 @@ def parse_args(argv=None):
                             "sampled answers in one batched pass.")
     group.add_argument("--separate_baseline_scoring", action="store_true",
                        help="Score sampled and greedy answers in two reward-model forwards.")
+    group.add_argument("--separate_scoring_forward", action="store_true",
+                       help="Score the policy in its own no-grad forward instead of inside the "
+                            "update forward (that needs --ppo_epochs 1 and --disable_actor_dropout).")
     group.add_argument("--pad_prompts_to_max_len", action="store_true",
                        help="Keep every prompt batch padded to --max_prompt_seq_len (default: to "
                             "the batch's longest prompt).")
@@ -232,7 +235,24 @@ def rollout_settings(args, world_size, hybrid_engine):
                            synced_gpus=args.actor_zero_stage == 3 and world_size > 1,
                            one_generation_pass=one_pass,
                            one_reward_pass=not args.separate_baseline_scoring,
-                           trim_prompt_padding=not args.pad_prompts_to_max_len)
+                           trim_prompt_padding=not args.pad_prompts_to_max_len,
+                           one_actor_forward=one_actor_forward(args))
+
+
+def one_actor_forward(args):
+    """Whether the update forward can also score the policy: its log-probs then equal a separate
+    scoring forward's only with one pass over the experience and no actor dropout, and the
+    estimator sees whole prompt groups only when micro-batches hold whole groups."""
+    if args.separate_scoring_forward:
+        return False
+    reasons = [why for why, applies in (
+        ("--ppo_epochs > 1", args.ppo_epochs > 1),
+        ("actor dropout is on (pass --disable_actor_dropout)", not args.disable_actor_dropout),
+        ("--per_device_training_batch_size is not a multiple of --num_samples_per_prompt",
+         args.per_device_training_batch_size % args.num_samples_per_prompt != 0)) if applies]
+    if reasons:
+        print_rank_0(f"[scoring] a separate no-grad forward scores the policy: {'; '.join(reasons)}")
+    return not reasons
 
 
 def save_models(engine, tokenizer, args):
@@ -315,10 +335,10 @@ def main():
         experiences, unsup, stats, seconds = collect_experience(
             trainer, prompt_batches, unsup_batches, args.per_device_training_batch_size, device,
             state.global_step, args.print_answers and state.global_step % 20 == 0)
-        if args.dump_first_experience and state.global_step == 0:
-            dump_experience(experiences, args.output_dir)
         train_start = time.time()
         train_means = trainer.train_step(experiences, unsup)
+        if args.dump_first_experience and state.global_step == 0:
+            dump_experience(experiences, args.output_dir)
         seconds.update(training=time.time() - train_start, e2e=time.time() - round_start)
         means = reduce_means({**stats, **train_means}, world_size)
         # Decided on the all-reduced loss, so every rank stops together.

@@ -36,6 +36,9 @@ class RolloutSettings:
     one_generation_pass: bool = True   # sampled and greedy answers in one batched decode
     one_reward_pass: bool = True       # the reward model once over sampled and greedy answers
     trim_prompt_padding: bool = True   # prompts padded to the batch's longest, not max_prompt_seq_len
+    # Policy scoring inside the update forward: the KL penalty's log-probs are the detached values
+    # of the forward the loss backpropagates through (valid with one pass and no actor dropout).
+    one_actor_forward: bool = False
 
 
 class ArgmaxRows(LogitsProcessor):
@@ -183,22 +186,26 @@ class PolicyTrainer:
           stats: Python floats for logging; seconds: {"generation": s, "experience": s}.
         """
         k = self.rollout.num_samples_per_prompt
+        score_policy = not self.rollout.one_actor_forward
         out = self._experience(prompts, prompt_mask, k, self.algorithm.rollout.greedy_baseline,
                                with_critic=self.algorithm.critic, step=step,
-                               print_answers=print_answers)
+                               print_answers=print_answers, score_policy=score_policy)
         exp, stats, seconds = out
-        start = time.time()
-        batch = answer_batch(exp)
-        adv = self.algorithm.estimate(batch, self.settings)
+        if score_policy:  # else the update forward scores the policy and estimates advantages
+            start = time.time()
+            stats.update(self._estimate_advantages(exp))
+            seconds["experience"] += time.time() - start
+        return exp, stats, seconds
+
+    def _estimate_advantages(self, exp):
+        """The algorithm's advantages (and value targets) into `exp`; returns their stats."""
+        adv = self.algorithm.estimate(answer_batch(exp), self.settings)
         exp["advantages"] = adv.advantages
         if adv.returns is not None:
             exp["returns"] = adv.returns
-        stats.update(adv.stats)
         # The original's "return" metrics: over every answer column, zeros past the end included.
-        stats["return"] = adv.advantages.mean().item()
-        stats["max_return"] = adv.advantages.abs().max().item()
-        seconds["experience"] += time.time() - start
-        return exp, stats, seconds
+        return {**adv.stats, "return": adv.advantages.mean().item(),
+                "max_return": adv.advantages.abs().max().item()}
 
     @torch.no_grad()
     def evaluation_experience(self, prompts, prompt_mask):
@@ -209,7 +216,7 @@ class PolicyTrainer:
 
     @torch.no_grad()
     def _experience(self, prompts, prompt_mask, num_samples, with_greedy, with_critic, step=0,
-                    print_answers=False):
+                    print_answers=False, score_policy=True):
         if self.rollout.trim_prompt_padding:
             prompts, prompt_mask = trim_left_padding(prompts, prompt_mask)
         prompt_len = prompts.size(1)
@@ -226,7 +233,11 @@ class PolicyTrainer:
                                   prompt_len)
         if print_answers:
             self._print_answers(seq, prompt_len, step, "model")
-        exp, stats = self._score_policy(seq, mask, prompt_len)
+        if score_policy:
+            exp, stats = self._score_policy(seq, mask, prompt_len)
+        else:
+            exp, stats = {"input_ids": seq, "attention_mask": mask,
+                          "action_mask": mask[:, prompt_len:]}, {}
         exp["prompts"] = sampled_prompts
         stats.update(truncated=truncated, patched=patched)
         if with_critic:
@@ -259,12 +270,21 @@ class PolicyTrainer:
         Returns (experience tensors, stats)."""
         actor_logits = self._answer_logits(self.actor, seq, mask, prompt_len)      # [B, T+1, V]
         ref_logits = self._answer_logits(self.ref, seq, mask, prompt_len)
+        exp = {"input_ids": seq, "attention_mask": mask, "action_mask": mask[:, prompt_len:]}
+        logprobs, stats = self._policy_scores(actor_logits, ref_logits, exp, prompt_len)
+        exp["logprobs"] = logprobs
+        return exp, stats
+
+    @staticmethod
+    def _policy_scores(actor_logits, ref_logits, exp, prompt_len):
+        """From the answer-position logits [B, T+1, V]: the actor's log-probs of the taken tokens
+        [B, T] (with grad when the logits have it), the reference's into `exp`, and the metrics."""
+        seq, mask = exp["input_ids"], exp["attention_mask"]
         answer = seq[:, prompt_len:]
-        exp = {"input_ids": seq, "attention_mask": mask,
-               "logprobs": gather_log_probs(actor_logits[:, :-1], answer),
-               "ref_logprobs": gather_log_probs(ref_logits[:, :-1], answer),
-               "action_mask": mask[:, prompt_len:]}
-        entropy, full_kl = entropy_and_full_kl_from_logits(actor_logits, ref_logits, chunk_size=64)
+        logprobs = gather_log_probs(actor_logits[:, :-1], answer)
+        exp["ref_logprobs"] = gather_log_probs(ref_logits[:, :-1], answer)
+        entropy, full_kl = entropy_and_full_kl_from_logits(actor_logits.detach(), ref_logits,
+                                                           chunk_size=64)
         # The original's metric convention: from position P - 1, so the distribution after the EOS
         # counts too (kept so numbers compare with published logs).
         metric_mask = mask[:, prompt_len - 1:]
@@ -272,7 +292,7 @@ class PolicyTrainer:
                  "kl": masked_mean(full_kl, metric_mask).item(),
                  "max_kl": (full_kl * metric_mask.float()).max().item(),
                  "entropy": masked_mean(entropy, metric_mask).item()}
-        return exp, stats
+        return logprobs, stats
 
     def _sampled_and_greedy_rewards(self, sampled, greedy, prompt_len):
         """(sampled rewards, greedy rewards) of two (seq, mask) batches: one reward forward over
@@ -294,13 +314,25 @@ class PolicyTrainer:
 
     def compute_loss(self, exp):
         """The policy loss of one micro-batch with fresh log-probs of the actor (with grad).
-        Returns (loss, stats)."""
+        With `one_actor_forward`, this forward also scores the policy: the reference's log-probs,
+        the stored log-probs (its detached values) and the advantages are filled into `exp` here,
+        and their metrics returned with the loss's. Returns (loss, stats)."""
         prompt_len = exp["prompts"].size(1)
         seq, mask = exp["input_ids"], exp["attention_mask"]
         logits = self._answer_logits(self.actor, seq, mask, prompt_len)
-        logprobs = gather_log_probs(logits[:, :-1], seq[:, prompt_len:])
-        return self.algorithm.policy_loss(logprobs, answer_batch(exp), stored_advantages(exp),
-                                          self.settings)
+        if not self.rollout.one_actor_forward:
+            logprobs = gather_log_probs(logits[:, :-1], seq[:, prompt_len:])
+            return self.algorithm.policy_loss(logprobs, answer_batch(exp),
+                                              stored_advantages(exp), self.settings)
+        with torch.no_grad():
+            ref_logits = self._answer_logits(self.ref, seq, mask, prompt_len)
+        logprobs, stats = self._policy_scores(logits, ref_logits, exp, prompt_len)
+        del ref_logits
+        exp["logprobs"] = logprobs.detach()
+        stats.update(self._estimate_advantages(exp))
+        loss, loss_stats = self.algorithm.policy_loss(logprobs, answer_batch(exp),
+                                                      stored_advantages(exp), self.settings)
+        return loss, {**stats, **loss_stats}
 
     def compute_value_loss(self, exp):
         """The critic's clipped value loss of one micro-batch (with grad)."""

@@ -328,3 +328,70 @@ def test_trimmed_prompt_padding_changes_no_reward_or_log_prob(family, tiny_opt_p
                             exp["ref_logprobs"]))
     for full, short in zip(*results):
         torch.testing.assert_close(full, short, rtol=1e-5, atol=1e-5)
+
+
+class FakeEngine:
+    """A DeepSpeed engine's training interface over a plain module: backward accumulates, step
+    does nothing (the test compares the accumulated gradients)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        pass
+
+    def train(self):
+        self.module.train()
+
+    def eval(self):
+        self.module.eval()
+
+
+def test_one_actor_forward_equals_a_separate_scoring_forward(tiny_opt_path):
+    """The update forward scoring the policy (log-probs for the KL penalty = its detached values)
+    gives the loss and gradients of the path with a separate no-grad scoring forward, over two
+    prompt batches cut into several micro-batches; dropout off."""
+    from transformers import AutoConfig
+
+    from utils.data.data_utils import MiniDataset
+    from utils.model.model_utils import disable_dropout_in_config
+
+    config = AutoConfig.from_pretrained(tiny_opt_path)
+    disable_dropout_in_config(config)
+    results = []
+    for one_forward in (False, True):
+        trainer = make_trainer(tiny_opt_path, samples=2, perturb=0.02)
+        torch.manual_seed(0)
+        actor = AutoModelForCausalLM.from_pretrained(tiny_opt_path, config=config)
+        with torch.no_grad():
+            for p in actor.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        trainer.actor = FakeEngine(actor)
+        trainer.rollout = RolloutSettings(max_answer_seq_len=8, num_samples_per_prompt=2,
+                                          one_actor_forward=one_forward)
+        buffer = MiniDataset(2, 4)  # 2 prompt batches of 3 prompts x 2 samples -> 4 micro-batches
+        prompts, prompt_mask = prompt_batch(trainer.tokenizer)
+        torch.manual_seed(17)
+        for _ in range(2):
+            exp, _, _ = trainer.generate_experience(prompts, prompt_mask)
+            micro_batches = buffer.add(exp)
+        assert [len(m["input_ids"]) for m in micro_batches] == [4, 2, 4, 2]
+        means = trainer.train_step(micro_batches)
+        grads = {n: p.grad.clone() for n, p in actor.named_parameters()}
+        results.append((means, grads, micro_batches))
+    (separate, separate_grads, separate_exp), (one, one_grads, one_exp) = results
+    for a, b in zip(separate_exp, one_exp):
+        assert torch.equal(a["input_ids"], b["input_ids"])
+        torch.testing.assert_close(a["logprobs"], b["logprobs"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a["advantages"], b["advantages"], rtol=1e-5, atol=1e-5)
+    assert one["actor_loss"] == pytest.approx(separate["actor_loss"], rel=1e-5, abs=1e-6)
+    for key in ("kl", "entropy", "return", "advantage"):
+        assert key in one
+    for name, grad in separate_grads.items():
+        torch.testing.assert_close(one_grads[name], grad, rtol=1e-5, atol=1e-6)
