@@ -339,6 +339,7 @@ def main():
         train_means = trainer.train_step(experiences, unsup)
         if args.dump_first_experience and state.global_step == 0:
             dump_experience(experiences, args.output_dir)
+        del experiences, unsup  # nothing of this round outlives its update
         seconds.update(training=time.time() - train_start, e2e=time.time() - round_start)
         means = reduce_means({**stats, **train_means}, world_size)
         # Decided on the all-reduced loss, so every rank stops together.

@@ -173,7 +173,8 @@ class PolicyTrainer:
 
     # ------------------------------------------------------------------ experience
 
-    def generate_experience(self, prompts, prompt_mask, step=0, print_answers=False):
+    def generate_experience(self, prompts, prompt_mask, step=0, print_answers=False,
+                            keep_greedy_answers=False):
         """Experience for one prompt batch, as the algorithm's rollout asks: k sampled answers per
         prompt (rows prompt-major) and, for ReMax, one greedy answer each; scored by the actor,
         the reference, the reward model (and the critic); with the estimator's advantages.
@@ -191,6 +192,8 @@ class PolicyTrainer:
                                with_critic=self.algorithm.critic, step=step,
                                print_answers=print_answers, score_policy=score_policy)
         exp, stats, seconds = out
+        if not keep_greedy_answers:  # only evaluation shows them
+            exp.pop("greedy_input_ids", None)
         if score_policy:  # else the update forward scores the policy and estimates advantages
             start = time.time()
             stats.update(self._estimate_advantages(exp))

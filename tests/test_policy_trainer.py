@@ -107,7 +107,7 @@ def test_greedy_baseline_is_deterministic_and_scored(trainer):
     second = trainer._generate(prompts, prompt_mask, do_sample=False)
     assert torch.equal(first, second)
     torch.manual_seed(7)
-    exp, stats, _ = trainer.generate_experience(prompts, prompt_mask)
+    exp, stats, _ = trainer.generate_experience(prompts, prompt_mask, keep_greedy_answers=True)
     greedy = exp["greedy_input_ids"]
     # The baseline comes from the prompt alone with the same weights: it equals a fresh greedy
     # decode token for token (decoded beside the sampled rows, it may carry more trailing padding).
@@ -207,7 +207,7 @@ def test_remax_numbers_unchanged_by_the_refactor(tiny_opt_path):
     prompts = torch.tensor(pin["prompts"])
     prompt_mask = torch.tensor(pin["prompt_mask"])
     torch.manual_seed(42)
-    exp, stats, _ = trainer.generate_experience(prompts, prompt_mask)
+    exp, stats, _ = trainer.generate_experience(prompts, prompt_mask, keep_greedy_answers=True)
     assert exp["input_ids"].tolist() == pin["sampled_seq"]
     assert exp["greedy_input_ids"].tolist() == pin["greedy_seq"]
     close = lambda a, b: pytest.approx(b, rel=1e-6, abs=1e-6) == a  # noqa: E731
