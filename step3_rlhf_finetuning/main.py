@@ -7,18 +7,15 @@ same engine, the baselines users compare it with: PPO (DeepSpeed-Chat's, with a 
 """
 import os
 import sys
-import time
 
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
 from transformers import default_data_collator  # noqa: E402
 
 from algorithms import ALGORITHMS, AlgorithmSettings  # noqa: E402
 from evaluation import evaluate_policy  # noqa: E402
 from rlhf_engine import RLHFEngine  # noqa: E402
-from rounds import (StepLog, collect_experience, make_schedule, reduce_means,  # noqa: E402
-                    training_rounds, update_flops)
+from rounds import StepLog, make_schedule, run_update, training_rounds, update_flops  # noqa: E402
 from train_state import TrainState  # noqa: E402
 from trainer import PolicyTrainer, RolloutSettings  # noqa: E402
 from utils import arguments  # noqa: E402
@@ -27,7 +24,7 @@ from utils.data.data_utils import (DataCollatorRLHF, create_prompt_dataset,  # n
 from utils.model.model_utils import (load_hf_tokenizer, save_hf_format,  # noqa: E402
                                      save_reward_model, unwrap)
 from utils.training import MetricsLog, NonFiniteGuard, interval, make_loader, record_run  # noqa: E402
-from utils.utils import get_rank, init_distributed, print_rank_0, set_random_seed  # noqa: E402
+from utils.utils import init_distributed, print_rank_0, set_random_seed  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -275,10 +272,25 @@ def evaluate_and_log(trainer, eval_loader, ppl_loader, args, state, metrics, dev
     return report
 
 
-def dump_experience(experiences, output_dir):
-    path = os.path.join(output_dir, "experience", f"step_0_rank_{get_rank()}.pt")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save([{k: v.detach().cpu() for k, v in exp.items()} for exp in experiences], path)
+def evaluate_and_save_best(trainer, engine, tokenizer, eval_loader, ppl_loader, args, state,
+                           metrics, device):
+    print_rank_0(f"***** Evaluating policy, Epoch {state.epoch + 1}/{args.num_train_epochs} "
+                 f"Step {state.global_step} *****")
+    report = evaluate_and_log(trainer, eval_loader, ppl_loader, args, state, metrics, device)
+    if state.is_best(report["reward"]):
+        save_models(engine, tokenizer, args)
+
+
+def evaluate_and_save_final(trainer, engine, tokenizer, eval_loader, ppl_loader, args, state,
+                            metrics, device):
+    """The original's final rule: evaluate unless early-stopped (or --save_at_final), save if best."""
+    if state.early_stopped and not args.save_at_final:
+        return
+    print_rank_0("***** Evaluating at final *****")
+    report = evaluate_and_log(trainer, eval_loader, ppl_loader, args, state, metrics, device)
+    # The original compared with None here when no periodic evaluation had run (TypeError).
+    if state.is_best(report["reward"]) or args.save_at_final:
+        save_models(engine, tokenizer, args)
 
 
 def evaluation_due(state, eval_every):
@@ -325,48 +337,28 @@ def main():
     guard = NonFiniteGuard()
     eval_every = interval(schedule.updates_per_epoch, args.evals_per_epoch)
 
+    baseline = " + greedy baseline" if algorithm.rollout.greedy_baseline else ""
     print_rank_0(f"***** Running training: {args.algo}, {args.num_samples_per_prompt} sampled "
-                 f"answer(s) per prompt{' + greedy baseline' if algorithm.rollout.greedy_baseline else ''} *****")
+                 f"answer(s) per prompt{baseline} *****")
     print_rank_0(f"***** Evaluating policy, Epoch 1/{args.num_train_epochs} *****")
     evaluate_and_log(trainer, eval_loader, ppl_loader, args, state, metrics, device)
     for prompt_batches, unsup_batches in training_rounds(train_loader, unsup_loader, args,
                                                          schedule.updates_per_epoch, state):
-        round_start = time.time()
-        experiences, unsup, stats, seconds = collect_experience(
-            trainer, prompt_batches, unsup_batches, args.per_device_training_batch_size, device,
-            state.global_step, args.print_answers and state.global_step % 20 == 0)
-        train_start = time.time()
-        train_means = trainer.train_step(experiences, unsup)
-        if args.dump_first_experience and state.global_step == 0:
-            dump_experience(experiences, args.output_dir)
-        del experiences, unsup  # nothing of this round outlives its update
-        seconds.update(training=time.time() - train_start, e2e=time.time() - round_start)
-        means = reduce_means({**stats, **train_means}, world_size)
+        means, seconds = run_update(trainer, prompt_batches, unsup_batches, args, state, device,
+                                    world_size)
         # Decided on the all-reduced loss, so every rank stops together.
         guard.check(means["actor_loss"], f"update {state.global_step}")
         log_step(means, seconds, state)
-        state.global_step += 1
-        if not trainer.overflowed():
-            state.non_overflow_steps += 1
+        state.count_update(skipped=trainer.overflowed())
         if evaluation_due(state, eval_every):
-            print_rank_0(f"***** Evaluating policy, Epoch {state.epoch + 1}/"
-                         f"{args.num_train_epochs} Step {state.global_step} *****")
-            report = evaluate_and_log(trainer, eval_loader, ppl_loader, args, state, metrics,
-                                      device)
-            if state.is_best(report["reward"]):
-                save_models(engine, tokenizer, args)
+            evaluate_and_save_best(trainer, engine, tokenizer, eval_loader, ppl_loader, args,
+                                   state, metrics, device)
         if should_stop(state, args):
             break
-
-    if not state.early_stopped or args.save_at_final:
-        print_rank_0("***** Evaluating at final *****")
-        report = evaluate_and_log(trainer, eval_loader, ppl_loader, args, state, metrics, device)
-        # The original compared with None here when no periodic evaluation had run (TypeError).
-        if state.is_best(report["reward"]) or args.save_at_final:
-            save_models(engine, tokenizer, args)
+    evaluate_and_save_final(trainer, engine, tokenizer, eval_loader, ppl_loader, args, state,
+                            metrics, device)
     metrics.close()
     print_rank_0(f"done: {state.global_step} updates; best eval reward {state.best_eval_reward}")
-
 
 if __name__ == "__main__":
     main()

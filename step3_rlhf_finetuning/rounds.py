@@ -1,12 +1,16 @@
 """The stage-3 loop's plumbing: how many updates and micro-batches a run has, which prompt batches
 make each update, how a round's experience is collected, and what each update logs."""
 import math
+import os
+import time
 from dataclasses import dataclass
+
+import torch
 
 from utils.data.data_utils import MiniDataset
 from utils.perf import calculate_flops, training_passes
 from utils.training import progress, set_loader_epoch
-from utils.utils import all_reduce_sum, print_rank_0, to_device
+from utils.utils import all_reduce_sum, get_rank, print_rank_0, to_device
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,28 @@ def collect_experience(trainer, prompt_batches, unsup_batches, train_batch_size,
         if unsup_batches is not None:
             unsup = unsup_buffer.add(to_device(unsup_batches[i], device))
     return experiences, unsup, stats, seconds
+
+
+def run_update(trainer, prompt_batches, unsup_batches, args, state, device, world_size):
+    """One round: experience of its prompt batches, then the update. Returns (metric means over
+    ranks, seconds: generation, experience, training and e2e = the round's wall time)."""
+    round_start = time.time()
+    experiences, unsup, stats, seconds = collect_experience(
+        trainer, prompt_batches, unsup_batches, args.per_device_training_batch_size, device,
+        state.global_step, args.print_answers and state.global_step % 20 == 0)
+    train_start = time.time()
+    train_means = trainer.train_step(experiences, unsup)
+    if args.dump_first_experience and state.global_step == 0:
+        dump_experience(experiences, args.output_dir)
+    del experiences, unsup  # nothing of this round outlives its update
+    seconds.update(training=time.time() - train_start, e2e=time.time() - round_start)
+    return reduce_means({**stats, **train_means}, world_size), seconds
+
+
+def dump_experience(experiences, output_dir):
+    path = os.path.join(output_dir, "experience", f"step_0_rank_{get_rank()}.pt")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save([{k: v.detach().cpu() for k, v in exp.items()} for exp in experiences], path)
 
 
 def reduce_means(values, world_size):

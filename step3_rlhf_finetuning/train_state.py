@@ -20,5 +20,11 @@ class TrainState:
             return True
         return False
 
+    def count_update(self, skipped):
+        """One more update; `skipped`: DeepSpeed skipped its step (fp16 overflow)."""
+        self.global_step += 1
+        if not skipped:
+            self.non_overflow_steps += 1
+
     def to_dict(self):
         return asdict(self)
