@@ -12,7 +12,6 @@ original's entry point printed). Differences from the original, on purpose:
   current transformers, and the copies would be identical); sampling returns --num_return_sequences;
 * --seed makes the sampled answers reproducible (the original was unseeded: default None).
 """
-import argparse
 import os
 import sys
 
@@ -21,7 +20,9 @@ sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from utils.model.model_utils import create_hf_model, load_hf_tokenizer  # noqa: E402
+from utils import arguments  # noqa: E402
+from utils.errors import run_main  # noqa: E402
+from utils.model.model_utils import check_model_dir, create_hf_model, load_hf_tokenizer  # noqa: E402
 
 BASELINE_GREEDY_HEADER = "==========Baseline: Greedy========="
 FINETUNE_GREEDY_HEADER = "==========finetune: Greedy========="
@@ -59,8 +60,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Greedy and sampled answers of a baseline and a "
-                                                 "fine-tuned model on fixed prompts")
+    parser = arguments.new_parser("Greedy and sampled answers of a baseline and a fine-tuned model "
+                                  "on fixed prompts")
     parser.add_argument("--model_name_or_path_baseline", type=str, required=True,
                         help="The model before fine-tuning (its tokenizer is used for both).")
     parser.add_argument("--model_name_or_path_finetune", type=str, required=True,
@@ -136,6 +137,9 @@ def prompt_eval(args, baseline, finetuned, tokenizer, device, prompts):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_model_dir(args.model_name_or_path_baseline, "--model_name_or_path_baseline")
+    check_model_dir(args.model_name_or_path_finetune, "--model_name_or_path_finetune",
+                    need_tokenizer=False)  # the baseline's tokenizer is used for both
     device = get_device()
     if args.seed is not None:
         from utils.utils import set_random_seed
@@ -149,4 +153,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -11,7 +11,6 @@ With --data_path: accuracy and mean chosen / rejected scores on the phase-2 eval
 Runs as a plain `python` process: the original crashed without a process group; nothing here
 needs one. The device comes from DeepSpeed's accelerator (the original: cuda:0).
 """
-import argparse
 import os
 import sys
 
@@ -20,7 +19,10 @@ sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from utils import arguments  # noqa: E402
-from utils.model.model_utils import create_critic_model, load_hf_tokenizer  # noqa: E402
+from utils.errors import UserError, run_main  # noqa: E402
+from utils.model.model_utils import (TOKENIZER_FILES, create_critic_model,  # noqa: E402
+                                     load_hf_tokenizer)
+from utils.model.reward_model import check_reward_model_dir  # noqa: E402
 
 EVAL_RESULT_HEADER = "==================Eval result============================"
 SCORES_HEADER = "=============Scores (higher, better)========================"
@@ -45,7 +47,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Score answers with a trained reward model")
+    parser = arguments.new_parser("Score answers with a trained reward model")
     parser.add_argument("--model_name_or_path", type=str, required=True,
                         help="A stage-2 output directory (ours, or the original's pytorch_model.bin).")
     parser.add_argument("--tokenizer_name_or_path", type=str, default=None,
@@ -67,7 +69,25 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if (args.prompt is None) != (args.answer is None):
         parser.error("--prompt and --answer go together")
+    try:
+        arguments.parse_data_split(args.data_split)
+    except UserError as err:
+        parser.error(str(err))
     return args
+
+
+def check_inputs(args):
+    """The reward-model directory, where its tokenizer is, and the held-out data (files only)."""
+    check_reward_model_dir(args.model_name_or_path, "--model_name_or_path")
+    tokenizer_flag = "--tokenizer_name_or_path" if args.tokenizer_name_or_path else "--model_name_or_path"
+    tokenizer_path = args.tokenizer_name_or_path or args.model_name_or_path
+    if not os.path.isdir(tokenizer_path) or not any(
+            os.path.exists(os.path.join(tokenizer_path, name)) for name in TOKENIZER_FILES):
+        hint = "" if args.tokenizer_name_or_path else \
+            " (the original's checkpoints hold none: pass --tokenizer_name_or_path)"
+        raise UserError(f"{tokenizer_flag} {tokenizer_path}: no tokenizer files "
+                        f"({', '.join(TOKENIZER_FILES)}){hint}")
+    arguments.check_inputs(args)
 
 
 def get_device():
@@ -141,7 +161,8 @@ def evaluate_held_out(model, tokenizer, args, device):
 
     _, eval_data = create_prompt_dataset(
         -1, args.data_path, args.data_split, args.data_output_path, 2, args.data_seed, tokenizer,
-        args.max_seq_len, end_of_conversation_token=tokenizer.eos_token)
+        args.max_seq_len, end_of_conversation_token=tokenizer.eos_token,
+        strict_data=args.strict_data, required=("eval",))
     loader = make_loader(eval_data, args.batch_size, DataCollatorReward(), shuffle=False,
                          distributed=False)
     max_batches = args.max_batches if args.max_batches > 0 else None
@@ -158,6 +179,7 @@ def evaluate_held_out(model, tokenizer, args, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_inputs(args)
     device = get_device()
     model, tokenizer = load_stuff(args.model_name_or_path, args.num_padding_at_beginning,
                                   args.tokenizer_name_or_path)
@@ -171,4 +193,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

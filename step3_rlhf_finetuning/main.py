@@ -21,6 +21,7 @@ from trainer import PolicyTrainer, RolloutSettings  # noqa: E402
 from utils import arguments  # noqa: E402
 from utils.data.data_utils import (DataCollatorRLHF, create_prompt_dataset,  # noqa: E402
                                    get_unsupervised_data)
+from utils.errors import UserError, run_main  # noqa: E402
 from utils.model.model_utils import (load_hf_tokenizer, save_hf_format,  # noqa: E402
                                      save_reward_model, unwrap)
 from utils.training import MetricsLog, NonFiniteGuard, interval, make_loader, record_run  # noqa: E402
@@ -129,7 +130,7 @@ def parse_args(argv=None):
     parser.add_argument("--eval_batches", type=int, default=20,
                         help="Prompt batches per rank in each reward evaluation (the original's 20).")
     parser.add_argument("--ppl_eval_batches", type=int, default=100)
-    args = arguments.finish(parser, argv)
+    args = arguments.finish(parser, argv, phase=3)
     check_args(parser, args)
     return args
 
@@ -180,16 +181,32 @@ def check_args(parser, args):
     if args.unsupervised_dataset_name and not os.path.exists(args.unsupervised_dataset_name):
         parser.error(f"--unsupervised_dataset_name {args.unsupervised_dataset_name} does not exist "
                      "(a local file or directory; nothing is downloaded)")
+    try:
+        arguments.check_rollout_batches(args)
+    except UserError as err:
+        parser.error(str(err))
+
+
+def check_input_files(args, algorithm):
+    """The directories the flags name, on every rank, before anything is built or written: the
+    actor, the reward model (and critic) in their layouts, sharing one tokenizer; the datasets."""
+    reward_models = ["reward_model_name_or_path"]
+    if algorithm.critic:
+        reward_models.append("critic_model_name_or_path")
+    arguments.check_inputs(args, models=["actor_model_name_or_path"],
+                           reward_models=reward_models, same_tokenizer=True)
 
 
 def create_datasets(args, tokenizer, world_size):
     """Prompt loaders (train, eval), the perplexity loader and the optional pretraining loader."""
     prompt_train, prompt_eval = create_prompt_dataset(
         args.local_rank, args.data_path, args.data_split, args.data_output_path, 3, args.data_seed,
-        tokenizer, args.max_prompt_seq_len, end_of_conversation_token=tokenizer.eos_token)
+        tokenizer, args.max_prompt_seq_len, end_of_conversation_token=tokenizer.eos_token,
+        strict_data=args.strict_data)
     _, ppl_eval = create_prompt_dataset(
         args.local_rank, args.data_path, args.data_split, args.data_output_path, 1, args.data_seed,
-        tokenizer, args.max_prompt_seq_len, end_of_conversation_token=tokenizer.eos_token)
+        tokenizer, args.max_prompt_seq_len, end_of_conversation_token=tokenizer.eos_token,
+        strict_data=args.strict_data, required=("eval",))
     distributed = world_size > 1
     collator = DataCollatorRLHF(args.max_prompt_seq_len, args.inference_tp_size)
     # Full prompt batches only, so every update accumulates the same number of micro-batches.
@@ -207,8 +224,8 @@ def create_datasets(args, tokenizer, world_size):
                                    default_data_collator, shuffle=True, distributed=distributed,
                                    seed=args.data_seed, drop_last=True)
     if len(train_loader) < args.generation_batches:
-        raise ValueError(f"only {len(train_loader)} full prompt batches per rank; --generation_"
-                         f"batches {args.generation_batches} needs more prompts")
+        raise UserError(f"only {len(train_loader)} full prompt batches per rank; --generation_"
+                        f"batches {args.generation_batches} needs more prompts")
     return train_loader, eval_loader, ppl_loader, unsup_loader
 
 
@@ -311,6 +328,7 @@ def should_stop(state, args):
 def main():
     args = parse_args()
     algorithm = ALGORITHMS[args.algo]
+    check_input_files(args, algorithm)
     if args.enable_tensorboard:
         args.tensorboard_path = args.output_dir
     device, args.global_rank, world_size = init_distributed(args.local_rank)
@@ -361,4 +379,4 @@ def main():
     print_rank_0(f"done: {state.global_step} updates; best eval reward {state.best_eval_reward}")
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from utils.errors import UserError
 from utils.data import data_utils
 from utils.data.data_utils import (IGNORE_INDEX, DataCollatorReward, DataCollatorRLHF, MiniDataset,
                                    PromptDataset, create_dataset, create_prompt_dataset, get_shuffle_idx,
@@ -299,7 +300,7 @@ def test_two_ranks_build_once_and_share(tmp_path, tiny_opt_path):
 
 
 def test_missing_dataset_fails_before_building(tmp_path, opt_tok):
-    with pytest.raises(FileNotFoundError, match="never downloads"):
+    with pytest.raises(UserError, match="never downloads"):
         create_prompt_dataset(0, ["Dahoas/rm-static"], "2,4,4", str(tmp_path), 1, 1234, opt_tok, 32)
 
 

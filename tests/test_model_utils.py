@@ -3,6 +3,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from utils.errors import UserError
 from utils.model.model_utils import (check_tokenizer_contract, create_hf_model, load_hf_tokenizer,
                                      save_hf_format)
 
@@ -23,7 +24,7 @@ def test_tokenizer_reads_local_files_without_hub_name(tiny_opt_path, tmp_path):
     # The original built the tokenizer from config.json's hub name; a local-only dir must work.
     tok = load_hf_tokenizer(tiny_opt_path)
     assert len(tok) == 512
-    with pytest.raises(FileNotFoundError, match="no tokenizer files"):
+    with pytest.raises(UserError, match="no tokenizer files"):
         load_hf_tokenizer(str(tmp_path))
 
 
@@ -31,7 +32,7 @@ def test_contract_rejects_small_embedding(tiny_opt_path):
     tok = load_hf_tokenizer(tiny_opt_path)
     model = create_hf_model(AutoModelForCausalLM, tiny_opt_path, tok)
     model.config.vocab_size = 100
-    with pytest.raises(ValueError, match="embedding has only 100 rows"):
+    with pytest.raises(UserError, match="embedding has only 100 rows"):
         check_tokenizer_contract(tok, model.config)
 
 

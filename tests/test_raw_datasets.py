@@ -6,6 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from utils.errors import UserError
 from utils.data import raw_datasets
 from utils.data.data_utils import split_indices
 from utils.data.raw_datasets import get_raw_dataset
@@ -239,7 +240,7 @@ def test_local_jsonfile_flat_directory(tmp_path):
 
 def test_local_jsonfile_literal_reads_parent_of_repo_root(tmp_path, monkeypatch):
     monkeypatch.setattr(raw_datasets, "_REPO_PARENT", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / "data" / "train.json")):
+    with pytest.raises(UserError, match=str(tmp_path / "data" / "train.json")):
         adapter("local/jsonfile")
     write_local_jsonfile(str(tmp_path), JSON_ROWS, JSON_ROWS)
     assert adapter("local/jsonfile").get_prompt(JSON_ROWS[0]) == " Hi?"
@@ -248,7 +249,7 @@ def test_local_jsonfile_literal_reads_parent_of_repo_root(tmp_path, monkeypatch)
 def test_local_jsonfile_missing_files_names_paths(tmp_path):
     path = tmp_path / "local/jsonfile"
     path.mkdir(parents=True)
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(UserError) as err:
         adapter(str(path))
     for tried in (path / "data/train.json", path / "data/eval.json", path / "train.json"):
         assert str(tried) in str(err.value)
@@ -259,12 +260,12 @@ def test_local_jsonfile_missing_files_names_paths(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 def test_unknown_name_lists_supported():
-    with pytest.raises(RuntimeError, match="Dahoas/rm-static.*local/jsonfile"):
+    with pytest.raises(UserError, match="Dahoas/rm-static.*local/jsonfile"):
         get_raw_dataset("/data/some/other-dataset", None, 1234, 0)
 
 
 def test_bare_hub_id_never_downloads():
-    with pytest.raises(FileNotFoundError, match="never downloads") as err:
+    with pytest.raises(UserError, match="never downloads") as err:
         get_raw_dataset("Dahoas/rm-static", None, 1234, 0)
     assert os.path.abspath("Dahoas/rm-static") in str(err.value)
 
@@ -273,7 +274,7 @@ def test_directory_without_data_files(tmp_path):
     path = tmp_path / "Dahoas/rm-static"
     path.mkdir(parents=True)
     (path / "README.md").write_text("no data")
-    with pytest.raises(FileNotFoundError, match="data files"):
+    with pytest.raises(UserError, match="data files"):
         adapter(str(path))
 
 

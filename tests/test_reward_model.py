@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModel, LlamaConfig, LlamaModel, OPTConfig, OPTModel
 
+from utils.errors import UserError
 from utils.model.reward_model import (
     BACKBONE_PREFIX, RewardModel, answer_end_index, check_reward_state_dict_keys, join_reward_state_dict,
     pairwise_end_index, read_original_reward_checkpoint, read_reward_checkpoint, save_reward_checkpoint,
@@ -186,11 +187,11 @@ def test_key_check_raises_on_missing_head_unexpected_and_shape():
     check_reward_state_dict_keys(model, state_dict)      # complete: passes
 
     without_head = {k: v for k, v in state_dict.items() if k != "v_head.weight"}
-    with pytest.raises(ValueError, match=r"missing keys \(1\): \['v_head.weight'\]"):
+    with pytest.raises(UserError, match=r"missing keys \(1\): \['v_head.weight'\]"):
         check_reward_state_dict_keys(model, without_head)
-    with pytest.raises(ValueError, match=r"unexpected keys \(1\): \['rwtranrsformer.decoder.extra'\]"):
+    with pytest.raises(UserError, match=r"unexpected keys \(1\): \['rwtranrsformer.decoder.extra'\]"):
         check_reward_state_dict_keys(model, {**state_dict, "rwtranrsformer.decoder.extra": torch.zeros(1)})
-    with pytest.raises(ValueError, match=r"v_head.weight: checkpoint \(1, 16\) vs model \(1, 8\)"):
+    with pytest.raises(UserError, match=r"v_head.weight: checkpoint \(1, 16\) vs model \(1, 8\)"):
         check_reward_state_dict_keys(model, {**state_dict, "v_head.weight": torch.zeros(1, 16)})
 
 
@@ -198,7 +199,7 @@ def test_key_check_forgives_legacy_rotary_buffer_like_hf():
     model = tiny_llama()
     legacy = f"{BACKBONE_PREFIX}layers.0.self_attn.rotary_emb.inv_freq"   # old persistent buffer
     check_reward_state_dict_keys(model, {**model.state_dict(), legacy: torch.zeros(4)})
-    with pytest.raises(ValueError, match="rotary_emb.inv_freq"):
+    with pytest.raises(UserError, match="rotary_emb.inv_freq"):
         check_reward_state_dict_keys(tiny_opt(), {**tiny_opt().state_dict(),
                                                   f"{BACKBONE_PREFIX}rotary_emb.inv_freq": torch.zeros(4)})
 
@@ -260,5 +261,5 @@ def test_key_check_forgives_only_tied_aliases_whose_twin_is_present():
     del state_dict[f"{BACKBONE_PREFIX}tied_copy.weight"]   # what a named_parameters() save writes
     check_reward_state_dict_keys(model, state_dict)
     del state_dict[f"{BACKBONE_PREFIX}embed.weight"]
-    with pytest.raises(ValueError, match=r"missing keys \(2\)"):
+    with pytest.raises(UserError, match=r"missing keys \(2\)"):
         check_reward_state_dict_keys(model, state_dict)

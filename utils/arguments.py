@@ -1,7 +1,17 @@
-"""Command-line flags shared by the stages, defined once. Names and defaults are the original's."""
+"""Command-line flags shared by the stages, defined once. Names and defaults are the original's.
+
+Checks, all raising UserError (one line naming the flag or file, exit code 2 under run_main):
+* `finish` -> `check_common_args`: the flags alone, at parse time, on every rank;
+* `check_inputs`: the files the flags name (model directories, reward-model directories,
+  datasets, tokenizers), called by a stage's main() right after parse_args, before the process
+  group, the output directory or any model exists. Neither touches a collective.
+"""
 import argparse
+import math
 
 from transformers import SchedulerType
+
+from utils.errors import UserError, exit_with_error
 
 SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
               "constant_with_warmup"]
@@ -21,6 +31,9 @@ def add_data_args(parser, sft_only=False):
                        help="Where the tokenized datasets are cached (node-local storage).")
     group.add_argument("--data_seed", type=int, default=1234,
                        help="Seed of the split and shuffle indices.")
+    group.add_argument("--strict_data", action="store_true",
+                       help="A row with a missing column or a null / non-string text is an error "
+                            "(default: skipped, counted and reported once per dataset).")
     return group
 
 
@@ -77,16 +90,161 @@ def add_logging_args(parser, tensorboard_path):
     return group
 
 
-def finish(parser, argv=None):
-    """Add DeepSpeed's own flags, parse, and check what every stage needs."""
+def finish(parser, argv=None, phase=None):
+    """Add DeepSpeed's own flags, parse, and check what every stage needs (`check_common_args`;
+    `phase`: the stage's part of --data_split, 1, 2 or 3)."""
     import deepspeed
 
     parser = deepspeed.add_config_arguments(parser)
     args = parser.parse_args(argv)
     if args.output_dir is None:
         parser.error("--output_dir is required (the directory the model is saved into)")
+    try:
+        check_common_args(args, phase)
+    except UserError as err:
+        parser.error(str(err))
     return args
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one `error: ...` line printed by rank 0 alone (every rank
+    parses the same argv and exits with code 2; argparse printed usage + error on every rank)."""
+
+    def error(self, message):
+        exit_with_error(f"{message} (see {self.prog} --help)")
+
+
 def new_parser(description):
-    return argparse.ArgumentParser(description=description)
+    return ArgumentParser(description=description)
+
+
+# ----------------------------------------------------------------------------------------------
+# Flag checks (no files, no models)
+# ----------------------------------------------------------------------------------------------
+
+def parse_data_split(value, flag="--data_split"):
+    """[p1, p2, p3] of a --data_split such as "2,4,4": exactly three non-negative numbers with a
+    positive sum (the original accepted "2,4" and trained on whatever that produced)."""
+    parts = [part.strip() for part in str(value).split(",")]
+    try:
+        proportions = [float(part) for part in parts]
+    except ValueError:
+        raise UserError(f"{flag} {value!r}: expected three comma-separated numbers, one per phase, "
+                        f"e.g. 2,4,4") from None
+    if len(proportions) != 3:
+        raise UserError(f"{flag} {value!r}: expected exactly three proportions (phases 1, 2, 3), "
+                        f"got {len(proportions)}")
+    if any(not math.isfinite(p) or p < 0 for p in proportions):
+        raise UserError(f"{flag} {value!r}: proportions must be finite and non-negative")
+    if sum(proportions) <= 0:
+        raise UserError(f"{flag} {value!r}: the proportions sum to 0")
+    return proportions
+
+
+def check_data_split(args, phase=None):
+    """--data_split well formed and, for `phase`, not a zero share (unless SFT-only data feeds it)."""
+    proportions = parse_data_split(args.data_split)
+    if phase is not None and proportions[phase - 1] == 0 and not (
+            phase == 1 and getattr(args, "sft_only_data_path", None)):
+        raise UserError(f"--data_split {args.data_split} gives phase {phase} (this stage) no data: "
+                        f"its proportion is 0")
+
+
+def _check_at_least(args, names, minimum=1):
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < minimum:
+            raise UserError(f"--{name} must be at least {minimum}, got {value}")
+
+
+def check_lora_args(args):
+    """A LoRA flag that needs a LoRA dim: --only_optimize_lora with --lora_dim (stage 3:
+    --actor_lora_dim) at 0 would train the whole model. (A module name without a dim is harmless
+    and scripts pass it; it is not an error.)"""
+    for prefix in ("", "actor_", "critic_"):
+        dim_flag = f"{prefix}lora_dim"
+        if hasattr(args, dim_flag) and getattr(args, dim_flag) < 0:
+            raise UserError(f"--{dim_flag} must be >= 0 (0: LoRA off), got {getattr(args, dim_flag)}")
+    if getattr(args, "only_optimize_lora", False):
+        dim_flag = "lora_dim" if hasattr(args, "lora_dim") else "actor_lora_dim"
+        if getattr(args, dim_flag, 0) == 0:
+            raise UserError(f"--only_optimize_lora needs --{dim_flag} > 0: with LoRA off there "
+                            f"are no LoRA weights, and the whole model would train")
+
+
+def check_frozen_model_stages(args):
+    """A frozen model (stage 3's reference and reward) runs at ZeRO 0 or 3 (1 and 2 fall back to 0,
+    as in the original); parameter offload (--offload_*_model) is a ZeRO-3 feature."""
+    for name, offload in (("reference", "offload_reference_model"),
+                          ("reward", "offload_reward_model")):
+        stage_flag = f"{name}_zero_stage"
+        if not hasattr(args, stage_flag):
+            continue
+        stage = getattr(args, stage_flag)
+        if stage not in (0, 1, 2, 3):
+            raise UserError(f"--{stage_flag} {stage}: ZeRO stages are 0-3, and a frozen model "
+                            f"runs at 0 or 3")
+        if getattr(args, offload, False) and stage != 3:
+            raise UserError(f"--{offload} needs --{stage_flag} 3 (offloading parameters is a "
+                            f"ZeRO-3 feature; at stage {stage} nothing would be offloaded)")
+
+
+def check_rollout_batches(args):
+    """Stage 3, once --num_samples_per_prompt is known: each generation batch's experience (prompts
+    × samples rows) is cut into micro-batches of --per_device_training_batch_size, so that must
+    divide it (a short last micro-batch would weigh its rows more); with the pretraining mix,
+    every experience micro-batch is paired with one pretraining micro-batch cut from a batch of
+    --per_device_generation_batch_size rows, so both cuttings must give the same count."""
+    generation = args.per_device_generation_batch_size
+    training = args.per_device_training_batch_size
+    samples = args.num_samples_per_prompt or 1
+    rows = generation * samples
+    if rows % training:
+        raise UserError(f"--per_device_training_batch_size {training} does not divide the {rows} "
+                        f"experience rows of a generation batch (--per_device_generation_batch_size "
+                        f"{generation} x --num_samples_per_prompt {samples})")
+    pretraining_micro_batches = math.ceil(generation / training)
+    if getattr(args, "unsupervised_dataset_name", None) and pretraining_micro_batches != rows // training:
+        raise UserError(f"the pretraining mix pairs each of the {rows // training} experience "
+                        f"micro-batches with one of --per_device_generation_batch_size {generation}"
+                        f" / --per_device_training_batch_size {training} = "
+                        f"{pretraining_micro_batches} pretraining micro-batches; use "
+                        f"--num_samples_per_prompt 1 or a training batch covering the experience")
+
+
+def check_common_args(args, phase=None):
+    """Every flag check that needs no file: --data_split, sizes that must be positive, LoRA flags
+    without a dim, frozen-model ZeRO stages. `phase`: the stage's part of --data_split."""
+    if hasattr(args, "data_split"):
+        check_data_split(args, phase)
+    _check_at_least(args, ("per_device_train_batch_size", "per_device_eval_batch_size",
+                           "gradient_accumulation_steps", "max_seq_len"))
+    check_lora_args(args)
+    check_frozen_model_stages(args)
+
+
+# ----------------------------------------------------------------------------------------------
+# File checks (cheap: configs, file names, tokenizers; never a model)
+# ----------------------------------------------------------------------------------------------
+
+def check_inputs(args, models=(), reward_models=(), same_tokenizer=False):
+    """Check the files the flags name, on every rank, before anything is built or written.
+
+    models: names of flags holding a causal-LM / base model directory (config, weights, tokenizer);
+    reward_models: names of flags holding a stage-2 output directory;
+    same_tokenizer: the tokenizers of all those directories must agree (stage 3);
+    and every --data_path / --sft_only_data_path must be a dataset directory we can read.
+    """
+    from utils.data.raw_datasets import check_dataset_path
+    from utils.model.model_utils import check_model_dir, check_same_tokenizer
+    from utils.model.reward_model import check_reward_model_dir
+
+    for name in models:
+        check_model_dir(getattr(args, name), f"--{name}")
+    for name in reward_models:
+        check_reward_model_dir(getattr(args, name), f"--{name}")
+    for name in ("data_path", "sft_only_data_path"):
+        for path in getattr(args, name, None) or ():
+            check_dataset_path(path, f"--{name}")
+    if same_tokenizer:
+        check_same_tokenizer({f"--{name}": getattr(args, name) for name in (*models, *reward_models)})

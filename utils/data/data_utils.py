@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
-from utils.data.raw_datasets import get_raw_dataset, load_local_dataset, local_data_files
+from utils.data.raw_datasets import BadRow, get_raw_dataset, load_local_dataset, local_data_files
+from utils.errors import UserError
 from utils.utils import print_rank_0
 
 IGNORE_INDEX = -100
@@ -47,8 +48,13 @@ def split_boundaries(data_split, data_size):
     Each part gets round(p_k * N) (Python's banker's rounding); the rounding error is then
     subtracted from every boundary but the first, so it lands in the first part.
     """
-    proportions = [float(s) for s in data_split.split(",")]
+    try:
+        proportions = [float(s) for s in data_split.split(",")]
+    except ValueError:
+        raise UserError(f"--data_split {data_split!r}: expected comma-separated numbers, e.g. 2,4,4") from None
     total = sum(proportions)
+    if total <= 0 or any(p < 0 for p in proportions):
+        raise UserError(f"--data_split {data_split!r}: proportions must be non-negative with a positive sum")
     boundaries = [0]
     for p in proportions:
         boundaries.append(boundaries[-1] + int(round(p / total * float(data_size))))
@@ -161,23 +167,82 @@ def tokenize_phase3(prompts, tokenizer, max_seq_len):
     return {"input_ids": ids, "prompt_len": prompt_len}
 
 
+# An adapter that meets a row it cannot read raises BadRow; the others are the same defect seen
+# through code that indexes or concatenates (a missing key, None + str, int("x")).
+_ROW_ERRORS = (BadRow, KeyError, IndexError, TypeError, ValueError, AttributeError)
+
+
+class SkippedRows:
+    """Rows of one dataset the adapter could not read: how many, and the first one (for the report)."""
+
+    def __init__(self):
+        self.count = 0
+        self.first = None  # (split, row id, reason)
+
+    def add(self, split, row_id, reason):
+        self.count += 1
+        if self.first is None:
+            self.first = (split, row_id, reason)
+
+
+class BadRowError(Exception):
+    """--strict_data: the first bad row of a split (its id in the split, and why)."""
+
+    def __init__(self, row_id, reason):
+        super().__init__(f"row {row_id}: {reason}")
+        self.row_id, self.reason = row_id, reason
+
+
+def _reason(err):
+    if isinstance(err, BadRow):
+        return str(err)
+    if isinstance(err, KeyError):
+        return f"no column {err.args[0]!r}" if err.args else "a missing column"
+    return f"unreadable ({type(err).__name__}: {err})"
+
+
+def adapted_rows(rows, getters, row_ids=None, skipped=None, split="train", strict=False):
+    """[tuple of getter(row) for each getter] of the rows where each is a string.
+
+    A None from a getter drops the row silently (the adapter's "no such text", as the original);
+    a row a getter cannot read (_ROW_ERRORS, or a non-string result) is dropped and counted in
+    `skipped`, or, with `strict`, raises BadRowError. row_ids: ids of `rows` in their split.
+    """
+    out = []
+    for i, row in enumerate(rows):
+        row_id = row_ids[i] if row_ids is not None else i
+        try:
+            values = tuple(get(row) for get in getters)
+            wrong = [v for v in values if v is not None and not isinstance(v, str)]
+            if wrong:
+                raise BadRow(f"a text is {type(wrong[0]).__name__}, not a string")
+        except _ROW_ERRORS as err:
+            if strict:
+                raise BadRowError(row_id, _reason(err)) from None
+            if skipped is not None:
+                skipped.add(split, row_id, _reason(err))
+            continue
+        if all(v is not None for v in values):
+            out.append(values)
+    return out
+
+
 def create_dataset_split(current_dataset, raw_dataset, train_phase, tokenizer, end_of_conversation_token,
-                         max_seq_len):
-    """Arrays of one split: the rows of `current_dataset` mapped by the adapter `raw_dataset`."""
+                         max_seq_len, row_ids=None, skipped=None, split="train", strict=False):
+    """Arrays of one split: the rows of `current_dataset` mapped by the adapter `raw_dataset`
+    (unreadable rows skipped into `skipped`, or BadRowError with `strict`; see adapted_rows)."""
     _check_pad_is_eos(tokenizer)
+    adapt = lambda *getters: adapted_rows(current_dataset, getters, row_ids, skipped, split, strict)  # noqa: E731
     if train_phase == 1:
-        pairs = [(raw_dataset.get_prompt(row), text) for row in current_dataset
-                 if (text := raw_dataset.get_prompt_and_chosen(row)) is not None]
-        return tokenize_phase1([p for p, _ in pairs], [t for _, t in pairs], tokenizer, max_seq_len,
+        pairs = adapt(raw_dataset.get_prompt_and_chosen, raw_dataset.get_prompt)
+        return tokenize_phase1([p for _, p in pairs], [t for t, _ in pairs], tokenizer, max_seq_len,
                                end_of_conversation_token)
     if train_phase == 2:
-        pairs = [(chosen, rejected) for row in current_dataset
-                 if (chosen := raw_dataset.get_prompt_and_chosen(row)) is not None
-                 and (rejected := raw_dataset.get_prompt_and_rejected(row)) is not None]
+        pairs = adapt(raw_dataset.get_prompt_and_chosen, raw_dataset.get_prompt_and_rejected)
         return tokenize_phase2([c for c, _ in pairs], [r for _, r in pairs], tokenizer, max_seq_len,
                                end_of_conversation_token)
     if train_phase == 3:
-        prompts = [p for row in current_dataset if (p := raw_dataset.get_prompt(row)) is not None]
+        prompts = [p for (p,) in adapt(raw_dataset.get_prompt)]
         return tokenize_phase3(prompts, tokenizer, max_seq_len)
     raise ValueError(f"train_phase must be 1, 2 or 3, got {train_phase}")
 
@@ -230,23 +295,48 @@ def _take(arrays, idx):
 
 
 def create_dataset(local_rank, dataset_name, data_split, output_path, train_phase, seed, tokenizer,
-                   end_of_conversation_token, max_seq_len):
-    """(train arrays, eval arrays) of part `train_phase - 1` of one dataset's train and eval splits."""
+                   end_of_conversation_token, max_seq_len, strict=False, report=None):
+    """(train arrays, eval arrays) of part `train_phase - 1` of one dataset's train and eval splits.
+
+    Unreadable rows are skipped and reported once for the dataset (into `report`, a list of dicts,
+    when given); with `strict` the first one is a UserError naming its file and row.
+    """
     raw_dataset = get_raw_dataset(dataset_name, output_path, seed, local_rank)
-    splits = []
-    for data in (raw_dataset.get_train_data(), raw_dataset.get_eval_data()):
-        part = data.select(split_indices(data_split, train_phase - 1, len(data), seed))
-        splits.append(create_dataset_split(part, raw_dataset, train_phase, tokenizer,
-                                           end_of_conversation_token, max_seq_len))
+    skipped, total, splits = SkippedRows(), 0, []
+    for which in ("train", "eval"):
+        data, split, ids = raw_dataset.split_rows(which)
+        part_ids = split_indices(data_split, train_phase - 1, len(data), seed)
+        row_ids = [ids[i] for i in part_ids] if ids is not None else part_ids
+        total += len(part_ids)
+        try:
+            splits.append(create_dataset_split(data.select(part_ids), raw_dataset, train_phase, tokenizer,
+                                               end_of_conversation_token, max_seq_len, row_ids=row_ids,
+                                               skipped=skipped, split=split, strict=strict))
+        except BadRowError as err:
+            raise UserError(f"{raw_dataset.row_location(split, err.row_id)}: {err.reason} "
+                            f"(--strict_data)") from None
+    if skipped.count:
+        split, row_id, reason = skipped.first
+        entry = {"dataset": dataset_name, "skipped": skipped.count, "rows": total,
+                 "first": f"{raw_dataset.row_location(split, row_id)}: {reason}"}
+        _warn_skipped(entry)
+        if report is not None:
+            report.append(entry)
     return tuple(splits)
 
 
+def _warn_skipped(entry):
+    print_rank_0(f"[data] warning: {entry['dataset']}: skipped {entry['skipped']} of {entry['rows']} "
+                 f"rows the adapter cannot read (first: {entry['first']}); --strict_data makes this "
+                 f"an error")
+
+
 def _build_arrays(local_rank, data_path, data_split, output_path, train_phase, seed, tokenizer, max_seq_len,
-                  end_of_conversation_token, sft_only_data_path):
+                  end_of_conversation_token, sft_only_data_path, strict=False, report=None):
     """(train, eval) arrays: datasets concatenated then permuted by get_shuffle_idx(seed, size)."""
     def build(path, split):
         return create_dataset(local_rank, path, split, output_path, train_phase, seed, tokenizer,
-                              end_of_conversation_token, max_seq_len)
+                              end_of_conversation_token, max_seq_len, strict=strict, report=report)
 
     built = [build(path, data_split) for path in data_path]
     train, eval_ = _concat([t for t, _ in built]), _concat([e for _, e in built])
@@ -340,13 +430,38 @@ def load_cache(path):
     return splits["train"], splits["eval"], meta
 
 
+def _agree_on_error(error):
+    """The first non-None of every rank's `error` (None when all succeeded); the ranks' meeting
+    point after the build, in place of a barrier, so a rank 0 that failed does not leave the others
+    waiting (they raise the same error). Every rank must call it."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return error
+    errors = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)
+
+
+def _check_not_empty(train, eval_, required, data_path, data_split, train_phase, skipped):
+    for name, arrays in (("train", train), ("eval", eval_)):
+        if name in required and num_rows(arrays) == 0:
+            why = (f"; {sum(e['skipped'] for e in skipped)} unreadable rows were skipped (first: "
+                   f"{skipped[0]['first']})" if skipped else "")
+            raise UserError(f"--data_split {data_split} leaves phase {train_phase} no {name} rows from "
+                            f"{', '.join(data_path)}{why}")
+
+
 def create_prompt_dataset(local_rank, data_path, data_split, output_path, train_phase, seed, tokenizer,
-                          max_seq_len, end_of_conversation_token=None, sft_only_data_path=(), reload=False):
+                          max_seq_len, end_of_conversation_token=None, sft_only_data_path=(), reload=False,
+                          strict_data=False, required=("train", "eval")):
     """(train, eval) PromptDatasets of phase `train_phase`, cached under `output_path`.
 
     Local rank 0 builds on a miss (or `reload`) and writes the cache atomically; other ranks
-    wait at a barrier and read it. The original torch.save'd dataset objects (pickles, which
-    torch >= 2.6 refuses to load by default); we store the token arrays.
+    wait and read it. The original torch.save'd dataset objects (pickles, which torch >= 2.6
+    refuses to load by default); we store the token arrays.
+
+    Bad input is a UserError on every rank: a dataset rank 0 cannot read (the other ranks get its
+    message instead of waiting forever), a row the adapter cannot read with `strict_data` (also on
+    a cache hit: the cache remembers the rows it skipped), and an empty `required` split.
     """
     if end_of_conversation_token is None:
         end_of_conversation_token = tokenizer.eos_token
@@ -357,22 +472,43 @@ def create_prompt_dataset(local_rank, data_path, data_split, output_path, train_
                                    end_of_conversation_token, sft_only_data_path)
     os.makedirs(output_path, exist_ok=True)
     cache_file = os.path.join(output_path, f"promptdata_{key}.npz")
+    error, hit = None, False
     if local_rank <= 0:
-        if os.path.exists(cache_file) and not reload:
-            print_rank_0(f"[data] cache hit {key} {cache_file}")
-        else:
-            print_rank_0(f"[data] cache {'rebuild (reload)' if reload else 'miss'} {key}: building phase "
-                         f"{train_phase} data from {data_path} into {cache_file}")
-            train, eval_ = _build_arrays(local_rank, data_path, data_split, output_path, train_phase, seed,
-                                         tokenizer, max_seq_len, end_of_conversation_token, sft_only_data_path)
-            meta = {"format_version": CACHE_FORMAT_VERSION, "key": key, "train_phase": train_phase,
-                    "pad_token_id": tokenizer.pad_token_id, "max_seq_len": max_seq_len}
-            _save_cache(cache_file, train, eval_, meta)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        try:
+            if os.path.exists(cache_file) and not reload:
+                hit = True
+                print_rank_0(f"[data] cache hit {key} {cache_file}")
+            else:
+                print_rank_0(f"[data] cache {'rebuild (reload)' if reload else 'miss'} {key}: building phase "
+                             f"{train_phase} data from {data_path} into {cache_file}")
+                skipped = []
+                train, eval_ = _build_arrays(local_rank, data_path, data_split, output_path, train_phase,
+                                             seed, tokenizer, max_seq_len, end_of_conversation_token,
+                                             sft_only_data_path, strict=strict_data, report=skipped)
+                meta = {"format_version": CACHE_FORMAT_VERSION, "key": key, "train_phase": train_phase,
+                        "pad_token_id": tokenizer.pad_token_id, "max_seq_len": max_seq_len,
+                        "skipped": skipped}
+                _save_cache(cache_file, train, eval_, meta)
+        except UserError as err:
+            error = str(err)
+        except Exception:
+            _agree_on_error(f"building the phase-{train_phase} data failed on local rank 0 (its "
+                            f"traceback is in the log)")
+            raise
+    error = _agree_on_error(error)
+    if error is not None:
+        raise UserError(error)
     train, eval_, meta = load_cache(cache_file)
     if meta["key"] != key or meta["format_version"] != CACHE_FORMAT_VERSION:
         raise RuntimeError(f"cache file {cache_file} does not hold key {key}; delete it and rerun")
+    skipped = meta.get("skipped", [])
+    if skipped and strict_data:
+        raise UserError(f"{skipped[0]['first']} (--strict_data; the cached data {cache_file} was built "
+                        f"skipping {sum(e['skipped'] for e in skipped)} such rows)")
+    if hit:
+        for entry in skipped:  # the report of the run that built the cache, again
+            _warn_skipped(entry)
+    _check_not_empty(train, eval_, required, data_path, data_split, train_phase, skipped)
     print_rank_0(f"[data] phase {train_phase}: {num_rows(train)} train / {num_rows(eval_)} eval samples")
     return (PromptDataset(train, train_phase, meta["pad_token_id"]),
             PromptDataset(eval_, train_phase, meta["pad_token_id"]))

@@ -10,12 +10,20 @@ Nothing here reaches the network. A dataset is a local directory whose path cont
 (e.g. `/data/Dahoas/rm-static`) and holds what the hub serves: parquet or json(l) files named by
 split (`data/train-00000-of-00001.parquet`, `test-*.parquet`, `train.jsonl`, ...), or a
 `datasets.save_to_disk` folder.
+
+Rows: an adapter method returns the text, or None when the row has no such text by design (no
+rejected answer, a nullable field); the phase is then built without the row, as the original did.
+A row it cannot read (a missing column, a null or non-string text) raises BadRow; the data
+pipeline skips and counts those rows (an error with --strict_data).
 """
 import glob
+import json
 import os
 import re
 
 import datasets
+
+from utils.errors import UserError
 
 _SPLIT_NAMES = ("train", "test", "validation", "dev", "eval")
 _PARQUET = (".parquet",)
@@ -28,15 +36,27 @@ _REPO_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(o
 # ----------------------------------------------------------------------------------------------
 
 def _not_found(path, what):
-    return FileNotFoundError(
-        f"{what} for dataset {path!r} not found (tried {os.path.abspath(path)!r}). This implementation "
-        f"never downloads: pass a local copy of the hub dataset, e.g. --data_path /data/{path.strip('/')} "
+    return UserError(
+        f"{path}: {what} not found (tried {os.path.abspath(path)!r}). This implementation never "
+        f"downloads: pass a local copy of the hub dataset, e.g. --data_path /data/{path.strip('/')} "
         f"holding its files (data/train-00000-of-00001.parquet, test-*.parquet, train.jsonl, ...) "
         f"or a datasets.save_to_disk folder.")
 
 
 def _is_saved_to_disk(path):
     return any(os.path.exists(os.path.join(path, name)) for name in ("dataset_dict.json", "state.json"))
+
+
+def _saved_splits(path):
+    """Split names of a save_to_disk folder (a single Dataset is "train")."""
+    index = os.path.join(path, "dataset_dict.json")
+    if not os.path.exists(index):
+        return ["train"]
+    try:
+        with open(index) as f:
+            return list(json.load(f)["splits"])
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"{index}: unreadable ({err})") from None
 
 
 def _split_of(file):
@@ -69,13 +89,13 @@ def find_split_files(path):
 def load_local_dataset(path):
     """Load a local dataset directory into a DatasetDict (never the network)."""
     if not os.path.isdir(path):
-        raise _not_found(path, "Local directory")
+        raise _not_found(path, "local directory")
     if _is_saved_to_disk(path):
         loaded = datasets.load_from_disk(path)
         return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
     data_files = find_split_files(path)
     if not data_files:
-        raise _not_found(path, "Parquet/json data files")
+        raise _not_found(path, "parquet/json data files")
     builder = "parquet" if next(iter(data_files.values()))[0].endswith(_PARQUET) else "json"
     return datasets.load_dataset(builder, data_files=data_files)
 
@@ -97,7 +117,7 @@ def _jsonfile_paths(path):
         if all(os.path.isfile(f) for f in pair):
             return pair
         tried += pair
-    raise FileNotFoundError(f"local/jsonfile dataset {path!r}: need train.json and eval.json; tried {tried}")
+    raise UserError(f"local/jsonfile dataset {path!r}: need train.json and eval.json; tried {tried}")
 
 
 def local_data_files(dataset_name):
@@ -105,13 +125,71 @@ def local_data_files(dataset_name):
     if _adapter_class(dataset_name) is LocalJsonFileDataset:
         return list(_jsonfile_paths(dataset_name))
     if not os.path.isdir(dataset_name):
-        raise _not_found(dataset_name, "Local directory")
+        raise _not_found(dataset_name, "local directory")
     if _is_saved_to_disk(dataset_name):
         return sorted(f for f in glob.glob(os.path.join(dataset_name, "**", "*"), recursive=True) if os.path.isfile(f))
     files = [f for split_files in find_split_files(dataset_name).values() for f in split_files]
     if not files:
-        raise _not_found(dataset_name, "Parquet/json data files")
+        raise _not_found(dataset_name, "parquet/json data files")
     return sorted(files)
+
+
+def check_dataset_path(path, flag="--data_path"):
+    """UserError unless `path` names a supported dataset whose local files we can read and which
+    has the splits its adapter uses. Reads file names only (no data), so every rank can run it
+    before anything is built."""
+    try:
+        adapter = _adapter_class(path)
+        if adapter is LocalJsonFileDataset:
+            _jsonfile_paths(path)
+            return
+        if not os.path.isdir(path):
+            raise _not_found(path, "local directory")
+        splits = _saved_splits(path) if _is_saved_to_disk(path) else find_split_files(path)
+        if not splits:
+            raise _not_found(path, "parquet/json data files")
+        needed = ["train"] + ([adapter.eval_split] if adapter.eval_split else [])
+        missing = [split for split in needed if split not in splits]
+        if missing:
+            raise UserError(f"{path}: no {' or '.join(map(repr, missing))} split, which the "
+                            f"{adapter.dataset_name} adapter reads; found {sorted(splits)}")
+    except UserError as err:
+        raise UserError(f"{flag} {err}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading fields
+# ----------------------------------------------------------------------------------------------
+
+class BadRow(Exception):
+    """A row an adapter cannot read: a missing column, or a null / non-string text."""
+
+
+def _field_name(keys):
+    name = str(keys[0])
+    for key in keys[1:]:
+        name += f"[{key}]" if isinstance(key, int) else f".{key}"
+    return name
+
+
+def field(row, *keys, optional=False):
+    """The text at row[k1][k2]...; BadRow if it is missing, null or not a string.
+    optional: a missing or null value is None (the row has no such text), not a bad row."""
+    value = row
+    for key in keys:
+        try:
+            value = value[key]
+        except (KeyError, IndexError, TypeError):
+            if optional:
+                return None
+            raise BadRow(f"no {_field_name(keys)}") from None
+    if value is None:
+        if optional:
+            return None
+        raise BadRow(f"{_field_name(keys)} is null")
+    if not isinstance(value, str):
+        raise BadRow(f"{_field_name(keys)} is {type(value).__name__}, not a string")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,20 +223,49 @@ class PromptRawDataset:
 
     def _split(self, name):
         if name not in self.raw_datasets:
-            raise KeyError(f"{self.data_path}: no {name!r} split; found {sorted(self.raw_datasets)}")
+            raise UserError(f"{self.data_path}: no {name!r} split; found {sorted(self.raw_datasets)}")
         return self.raw_datasets[name]
 
-    def _train_eval_part(self, part):
+    def _train_eval_ids(self, part):
         # Late import: data_utils imports this module. Same index machinery as the phase split.
         from utils.data.data_utils import split_indices
-        train = self._split("train")
-        return train.select(split_indices("9,1", part, len(train), self.seed))
+        return split_indices("9,1", part, len(self._split("train")), self.seed)
+
+    def split_rows(self, which):
+        """(rows, split name, ids of those rows in that split or None for all) of "train" or "eval"."""
+        if self.eval_split is None:  # only a train split on disk: re-split 9:1
+            ids = self._train_eval_ids(0 if which == "train" else 1)
+            return self._split("train").select(ids), "train", ids
+        split = self.eval_split if which == "eval" else "train"
+        return self._split(split), split, None
 
     def get_train_data(self):
-        return self._split("train") if self.eval_split else self._train_eval_part(0)
+        return self.split_rows("train")[0]
 
     def get_eval_data(self):
-        return self._split(self.eval_split) if self.eval_split else self._train_eval_part(1)
+        return self.split_rows("eval")[0]
+
+    def split_files(self, split):
+        """The data files of `split`, in the order their rows were loaded ([] for save_to_disk)."""
+        if _is_saved_to_disk(self.data_path):
+            return []
+        return find_split_files(self.data_path).get(split, [])
+
+    def row_location(self, split, row_id):
+        """Where row `row_id` of `split` is: "<file> row <n>" (n counted in that file)."""
+        files = self.split_files(split)
+        if len(files) == 1:
+            return f"{files[0]} row {row_id}"
+        if files and all(f.endswith(_PARQUET) for f in files):
+            import pyarrow.parquet as pq
+
+            start = 0
+            for f in files:
+                rows = pq.ParquetFile(f).metadata.num_rows
+                if row_id < start + rows:
+                    return f"{f} row {row_id - start}"
+                start += rows
+        return f"{self.data_path} split {split!r} row {row_id}"
 
     def _no_rejected(self):
         # The original printed this on every call (once per row); once per adapter is enough.
@@ -189,19 +296,19 @@ class DahoasRmStaticDataset(PromptRawDataset):
     dataset_name_clean = "Dahoas_rm_static"
 
     def get_prompt(self, row):
-        return row["prompt"]
+        return field(row, "prompt")
 
     def get_chosen(self, row):
-        return row["chosen"]
+        return field(row, "chosen")
 
     def get_rejected(self, row):
-        return row["rejected"]
+        return field(row, "rejected")
 
     def get_prompt_and_chosen(self, row):
-        return row["prompt"] + row["chosen"]
+        return field(row, "prompt") + field(row, "chosen")
 
     def get_prompt_and_rejected(self, row):
-        return row["prompt"] + row["rejected"]
+        return field(row, "prompt") + field(row, "rejected")
 
 
 class DahoasFullhhrlhfDataset(DahoasRmStaticDataset):
@@ -218,7 +325,9 @@ class RemaxDemoHelpfulWordsDataset(DahoasRmStaticDataset):
 class QuestionAnswerDataset(PromptRawDataset):
     """prompt = H(question), chosen = " " + answer, rejected = " " + negative (None when absent).
 
-    Subclasses define question(row), answer(row) and, if they have one, negative(row).
+    Subclasses define question(row), answer(row) and, if they have one, negative(row), reading
+    texts with `field` (a null question is a bad row: skipped and counted, as the original
+    skipped it in the adapters that checked for it; the others raised).
     """
     has_rejected = True
 
@@ -261,13 +370,13 @@ class DahoasSyntheticinstructgptjpairwiseDataset(QuestionAnswerDataset):
     eval_split = None
 
     def question(self, row):
-        return row["prompt"]
+        return field(row, "prompt")
 
     def answer(self, row):
-        return row["chosen"]
+        return field(row, "chosen")
 
     def negative(self, row):
-        return row["rejected"]
+        return field(row, "rejected")
 
 
 class YitingxieRlhfrewarddatasetsDataset(PromptRawDataset):
@@ -276,19 +385,19 @@ class YitingxieRlhfrewarddatasetsDataset(PromptRawDataset):
     dataset_name_clean = "yitingxie_rlhf_reward_datasets"
 
     def get_prompt(self, row):
-        return row["prompt"] + "Assistant:"
+        return field(row, "prompt") + "Assistant:"
 
     def get_chosen(self, row):
-        return row["chosen"].split("Assistant:")[-1]
+        return field(row, "chosen").split("Assistant:")[-1]
 
     def get_rejected(self, row):
-        return row["rejected"].split("Assistant:")[-1]
+        return field(row, "rejected").split("Assistant:")[-1]
 
     def get_prompt_and_chosen(self, row):
-        return row["prompt"] + row["chosen"]
+        return field(row, "prompt") + field(row, "chosen")
 
     def get_prompt_and_rejected(self, row):
-        return row["prompt"] + row["rejected"]
+        return field(row, "prompt") + field(row, "rejected")
 
 
 def strip_citations(text):
@@ -304,15 +413,15 @@ class OpenaiWebgptcomparisonsDataset(QuestionAnswerDataset):
     eval_split = None
 
     def question(self, row):
-        return row["question"]["full_text"]
+        return field(row, "question", "full_text")
 
     def answer(self, row):
         better = "answer_0" if float(row["score_0"]) >= float(row["score_1"]) else "answer_1"
-        return strip_citations(row[better])
+        return strip_citations(field(row, better))
 
     def negative(self, row):
         worse = "answer_0" if float(row["score_0"]) < float(row["score_1"]) else "answer_1"
-        return strip_citations(row[worse])
+        return strip_citations(field(row, worse))
 
 
 class StanfordnlpSHPDataset(QuestionAnswerDataset):
@@ -322,13 +431,13 @@ class StanfordnlpSHPDataset(QuestionAnswerDataset):
     eval_split = "validation"
 
     def question(self, row):
-        return row["history"]
+        return field(row, "history")
 
     def answer(self, row):
-        return row["human_ref_A"] if int(row["labels"]) == 1 else row["human_ref_B"]
+        return field(row, "human_ref_A" if int(row["labels"]) == 1 else "human_ref_B")
 
     def negative(self, row):
-        return row["human_ref_B"] if int(row["labels"]) == 1 else row["human_ref_A"]
+        return field(row, "human_ref_B" if int(row["labels"]) == 1 else "human_ref_A")
 
 
 class PvduySharegptalpacaoavicunaformatDataset(PromptRawDataset):
@@ -337,21 +446,23 @@ class PvduySharegptalpacaoavicunaformatDataset(PromptRawDataset):
     dataset_name_clean = "pvduy_sharegpt_alpaca_oa_vicuna_format"
 
     def get_prompt(self, row):
-        if not row["prompt"]:
+        prompt = field(row, "prompt", optional=True)
+        if not prompt:  # the original skipped empty prompts
             return None
-        return row["prompt"].replace("USER", "Human").replace("ASSISTANT", "Assistant")
+        return prompt.replace("USER", "Human").replace("ASSISTANT", "Assistant")
 
     def get_chosen(self, row):
-        return " " + row["label"] if row["label"] else None
+        label = field(row, "label", optional=True)
+        return " " + label if label else None
 
     def get_rejected(self, row):
         return self._no_rejected()
 
     def get_prompt_and_chosen(self, row):
-        prompt = self.get_prompt(row)
-        if prompt is None or not row["label"]:
+        prompt, label = self.get_prompt(row), field(row, "label", optional=True)
+        if prompt is None or not label:
             return None
-        return prompt + " " + row["label"]
+        return prompt + " " + label
 
     def get_prompt_and_rejected(self, row):
         return self._no_rejected()
@@ -364,10 +475,10 @@ class Wangrui6ZhihuKOLDataset(QuestionAnswerDataset):
     has_rejected = False
 
     def question(self, row):
-        return row["INSTRUCTION"]
+        return field(row, "INSTRUCTION")
 
     def answer(self, row):
-        return row["RESPONSE"]
+        return field(row, "RESPONSE")
 
 
 class CohereMiraclzhqueries2212Dataset(QuestionAnswerDataset):
@@ -377,14 +488,15 @@ class CohereMiraclzhqueries2212Dataset(QuestionAnswerDataset):
     eval_split = "dev"
 
     def question(self, row):
-        return row["query"]
+        return field(row, "query")
 
     def answer(self, row):
-        return row["positive_passages"][0]["text"]
+        return field(row, "positive_passages", 0, "text")
 
     def negative(self, row):
-        passages = row["negative_passages"]
-        return passages[0]["text"] if passages else None
+        if not row.get("negative_passages"):
+            return None  # no negative passage: no pair, as the original
+        return field(row, "negative_passages", 0, "text")
 
 
 class HelloSimpleAIHC3ChineseDataset(QuestionAnswerDataset):
@@ -394,10 +506,10 @@ class HelloSimpleAIHC3ChineseDataset(QuestionAnswerDataset):
     has_rejected = False
 
     def question(self, row):
-        return row["question"]
+        return field(row, "question")
 
     def answer(self, row):
-        return row["human_answers"][0]
+        return field(row, "human_answers", 0)
 
 
 class MkqaChineseDataset(QuestionAnswerDataset):
@@ -409,10 +521,10 @@ class MkqaChineseDataset(QuestionAnswerDataset):
     language = "zh_cn"
 
     def question(self, row):
-        return row["queries"][self.language]
+        return field(row, "queries", self.language)
 
     def answer(self, row):
-        return row["answers"][self.language][0]["text"]
+        return field(row, "answers", self.language, 0, "text")
 
 
 class MkqaJapaneseDataset(MkqaChineseDataset):
@@ -432,10 +544,10 @@ class LmqgQgjaquadDataset(QuestionAnswerDataset):
     has_rejected = False
 
     def question(self, row):
-        return row["question"]
+        return field(row, "question")
 
     def answer(self, row):
-        return row["sentence"]
+        return field(row, "sentence")
 
 
 class LmqgQagjaquadDataset(QuestionAnswerDataset):
@@ -445,10 +557,10 @@ class LmqgQagjaquadDataset(QuestionAnswerDataset):
     has_rejected = False
 
     def question(self, row):
-        return row["questions"][0]
+        return field(row, "questions", 0)
 
     def answer(self, row):
-        return row["paragraph"]
+        return field(row, "paragraph")
 
 
 class LocalJsonFileDataset(PromptRawDataset):
@@ -461,24 +573,28 @@ class LocalJsonFileDataset(PromptRawDataset):
         train, eval_ = _jsonfile_paths(self.data_path)
         return datasets.load_dataset("json", data_files={"train": train, "eval": eval_})
 
+    def split_files(self, split):
+        return [dict(zip(("train", "eval"), _jsonfile_paths(self.data_path)))[split]]
+
     @staticmethod
-    def _spaced(*texts):
+    def _spaced(row, *names):
+        texts = [field(row, name, optional=True) for name in names]
         return None if any(t is None for t in texts) else "".join(" " + t for t in texts)
 
     def get_prompt(self, row):
-        return self._spaced(row.get("prompt"))
+        return self._spaced(row, "prompt")
 
     def get_chosen(self, row):
-        return self._spaced(row.get("chosen"))
+        return self._spaced(row, "chosen")
 
     def get_rejected(self, row):
-        return self._spaced(row.get("rejected"))
+        return self._spaced(row, "rejected")
 
     def get_prompt_and_chosen(self, row):
-        return self._spaced(row.get("prompt"), row.get("chosen"))
+        return self._spaced(row, "prompt", "chosen")
 
     def get_prompt_and_rejected(self, row):
-        return self._spaced(row.get("prompt"), row.get("rejected"))
+        return self._spaced(row, "prompt", "rejected")
 
 
 # Matched by substring of the given path, first match wins (the original's order).
@@ -508,8 +624,8 @@ def _adapter_class(dataset_name):
     for adapter in ADAPTERS:
         if adapter.dataset_name in dataset_name:
             return adapter
-    raise RuntimeError(f"We do not have configs for dataset {dataset_name!r}: the path must contain one of "
-                       f"{', '.join(SUPPORTED_DATASETS)}")
+    raise UserError(f"{dataset_name}: no adapter for this dataset, the path must contain one of "
+                    f"{', '.join(SUPPORTED_DATASETS)}")
 
 
 def get_raw_dataset(dataset_name, output_path, seed, local_rank):

@@ -4,6 +4,7 @@ Tokenizer contract (every family): pad token == eos token, right padding. The or
 name stored in `config.json` and built the tokenizer from the hub (fails offline and for models of
 your own); we read the tokenizer files of the model directory itself.
 """
+import json
 import math
 import os
 import time
@@ -11,15 +12,100 @@ import time
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
+from utils.errors import UserError
 from utils.utils import get_rank, print_rank_0
 
 WEIGHTS_NAME = "model.safetensors"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
+
+# ----------------------------------------------------------------------------- input checks
+
+def _listing(path, limit=6):
+    names = sorted(os.listdir(path))
+    shown = ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+    return f"it holds {shown}" if names else "it is empty"
+
+
+def check_model_dir(path, flag="--model_name_or_path", need_weights=True, need_tokenizer=True):
+    """UserError unless `path` is a local Hugging Face model directory: config.json, weights and
+    (if `need_tokenizer`) tokenizer files. Instead of the hub's "Repo id must be in the form ..."
+    that transformers gives for a path that does not exist."""
+    if not path:
+        raise UserError(f"{flag} is empty: pass a local Hugging Face model directory")
+    if not os.path.exists(path):
+        raise UserError(f"{flag} {path}: no such directory (a local Hugging Face model directory "
+                        f"with config.json, weights and tokenizer; nothing is downloaded)")
+    if not os.path.isdir(path):
+        raise UserError(f"{flag} {path}: a file, not a model directory")
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        raise UserError(f"{flag} {path}: not a Hugging Face model directory, no config.json "
+                        f"({_listing(path)})")
+    try:
+        with open(config) as f:
+            json.load(f)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{flag} {config}: unreadable ({err})") from None
+    if need_weights and not any(os.path.isfile(os.path.join(path, n)) for n in WEIGHT_FILES):
+        raise UserError(f"{flag} {path}: config.json but no weights ({' / '.join(WEIGHT_FILES)})")
+    if need_tokenizer and not _has_tokenizer_files(path):
+        raise UserError(f"{flag} {path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); save "
+                        f"the tokenizer next to the model")
+
+
+def tokenizers_match(tok_a, tok_b, probe=" Human: Why is the sky blue? Assistant: Because."):
+    """None when the two tokenizers agree (vocabulary, special tokens and their ids, an encoding),
+    else a short description of the first difference."""
+    if len(tok_a) != len(tok_b):
+        return f"{len(tok_a)} vs {len(tok_b)} tokens"
+    vocab_a, vocab_b = tok_a.get_vocab(), tok_b.get_vocab()
+    for token, token_id in sorted(vocab_a.items(), key=lambda item: item[1]):
+        if vocab_b.get(token) != token_id:
+            other = "absent" if token not in vocab_b else f"id {vocab_b[token]}"
+            return f"token {token!r} is id {token_id} vs {other}"
+    for name in ("bos", "eos", "unk", "pad"):
+        a = (getattr(tok_a, f"{name}_token", None), getattr(tok_a, f"{name}_token_id", None))
+        b = (getattr(tok_b, f"{name}_token", None), getattr(tok_b, f"{name}_token_id", None))
+        if a != b:
+            return f"{name} token {a[0]!r} (id {a[1]}) vs {b[0]!r} (id {b[1]})"
+    ids_a, ids_b = tok_a(probe)["input_ids"], tok_b(probe)["input_ids"]
+    if ids_a != ids_b:
+        return f"{probe!r} encodes as {ids_a} vs {ids_b}"
+    return None
+
+
+def check_same_tokenizer(paths):
+    """UserError unless the tokenizers stored in the directories agree. paths: {flag: directory}
+    (e.g. stage 3's actor, reward model and critic). A directory without tokenizer files (the
+    original's reward checkpoints) cannot be compared: it is skipped with a note."""
+    loaded = []
+    seen = set()
+    for flag, path in paths.items():
+        if not path or os.path.realpath(path) in seen:
+            continue
+        seen.add(os.path.realpath(path))
+        if not _has_tokenizer_files(path):
+            print_rank_0(f"[tokenizer] note: {flag} {path} holds no tokenizer files; it is assumed "
+                         f"to use the tokenizer of {next(iter(paths))}")
+            continue
+        loaded.append((flag, path, load_hf_tokenizer(path)))
+    for flag, path, tokenizer in loaded[1:]:
+        first_flag, first_path, first = loaded[0]
+        difference = tokenizers_match(first, tokenizer)
+        if difference is not None:
+            raise UserError(f"{first_flag} {first_path} and {flag} {path} use different tokenizers "
+                            f"({difference}); every model of a run must share the actor's tokenizer")
+
+
+# ----------------------------------------------------------------------------- tokenizers
 
 def load_hf_tokenizer(model_name_or_path, fast_tokenizer=True):
     """The tokenizer stored with the model, with pad = eos and right padding."""
     if os.path.isdir(model_name_or_path) and not _has_tokenizer_files(model_name_or_path):
-        raise FileNotFoundError(
+        raise UserError(
             f"{model_name_or_path} holds no tokenizer files (tokenizer.json, tokenizer.model, "
             "vocab.json or tokenizer_config.json); save the tokenizer next to the model")
     tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, use_fast=fast_tokenizer)
@@ -31,22 +117,21 @@ def load_hf_tokenizer(model_name_or_path, fast_tokenizer=True):
 
 
 def _has_tokenizer_files(path):
-    names = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-    return any(os.path.exists(os.path.join(path, n)) for n in names)
+    return any(os.path.exists(os.path.join(path, n)) for n in TOKENIZER_FILES)
 
 
 def check_tokenizer_contract(tokenizer, config, what="model"):
     """Fail early when the tokenizer and the model disagree (a wrong pad/eos id would misplace the reward)."""
     if tokenizer.pad_token_id != tokenizer.eos_token_id:
-        raise ValueError(f"pad token id {tokenizer.pad_token_id} != eos token id "
+        raise UserError(f"pad token id {tokenizer.pad_token_id} != eos token id "
                          f"{tokenizer.eos_token_id}: the pipeline needs pad == eos")
     vocab = getattr(config, "vocab_size", None)
     if vocab is not None and len(tokenizer) > vocab:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the {what} embedding has "
+        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the {what} embedding has "
                          f"only {vocab} rows: tokenizer and {what} do not belong together")
     eos = getattr(config, "eos_token_id", None)
     if isinstance(eos, int) and eos != tokenizer.eos_token_id:
-        raise ValueError(f"the {what} config's eos_token_id {eos} differs from the tokenizer's "
+        raise UserError(f"the {what} config's eos_token_id {eos} differs from the tokenizer's "
                          f"{tokenizer.eos_token_id} ({tokenizer.eos_token!r})")
 
 
@@ -67,17 +152,19 @@ def create_hf_model(model_class, model_name_or_path, tokenizer, ds_config=None, 
     config = AutoConfig.from_pretrained(model_name_or_path)
     if disable_dropout:
         disable_dropout_in_config(config)
-    zero3 = _zero3_context(ds_config)  # must stay referenced while the model is constructed
+    # transformers sees ZeRO 3 only while this object lives (a weak reference): construction AND
+    # the resize must happen inside it, or the resize meets a partitioned (empty) embedding weight.
+    zero3 = _zero3_context(ds_config)
     if rlhf_training:
         model = model_class.from_config(config)
     else:
         # transformers 5 loads in the checkpoint's dtype by default; DeepSpeed casts to the
         # training precision itself, so start from fp32 master weights as the original did.
         model = model_class.from_pretrained(model_name_or_path, config=config, dtype=torch.float32)
-    del zero3
     model.config.end_token_id = tokenizer.eos_token_id
     model.config.pad_token_id = model.config.eos_token_id
     resize_embeddings(model, tokenizer)
+    del zero3  # released after the resize (the original order crashed whenever a resize was due)
     return model
 
 
@@ -102,15 +189,56 @@ def unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
+def _cpu_copy(tensor):
+    return tensor.to("cpu", copy=True)
+
+
+def _zero3_partitioned(module):
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def merged_state_dict(model, keep=True):
+    """The state dict of a plain module as CPU copies, every LoRA update merged into its base
+    weight and no "lora" keys (the model is not modified). Under ZeRO-3 the parameters are gathered
+    one module at a time, a collective: every rank calls it, in the same module order; with
+    `keep=False` a rank only takes part in the gathers, copies nothing and returns None."""
+    from utils.module.lora import LORA_PARAM_NAMES, LinearLayer_LoRA, gathered_parameters, merge_lora_weight
+
+    keys_by_module = {}
+    for key in model.state_dict().keys():  # keys only: under ZeRO-3 the values are empty partitions
+        module_name, _, attr = key.rpartition(".")
+        keys_by_module.setdefault(module_name, []).append(attr)
+    merged = {} if keep else None
+    for module_name, attrs in keys_by_module.items():
+        module = model.get_submodule(module_name)
+        prefix = f"{module_name}." if module_name else ""
+        with gathered_parameters(module.parameters(recurse=False)):
+            if not keep:
+                continue
+            for attr in attrs:
+                if attr in LORA_PARAM_NAMES:
+                    continue
+                tensor = getattr(module, attr).detach()
+                if attr == "weight" and isinstance(module, LinearLayer_LoRA) and not module.fused:
+                    tensor = merge_lora_weight(tensor, module.lora_left_weight.detach(),
+                                               module.lora_right_weight.detach(), module.lora_scaling)
+                merged[prefix + attr] = _cpu_copy(tensor)
+    return merged
+
+
 def gather_state_dict(model, rank=None):
     """The full state dict as CPU tensors on rank 0 (None elsewhere), LoRA merged into a copy.
 
-    A collective under ZeRO-3 (parameters are gathered one module at a time): every rank calls it.
+    Under ZeRO-3 a collective (every rank calls it) in which only rank 0 copies the gathered
+    tensors; otherwise the other ranks return at once. (Every rank used to build a full CPU copy:
+    7B on 8 GPUs, ~100 GB of host memory per save for nothing.)
     """
-    from utils.module.lora import lora_merged_state_dict
-
-    state = lora_merged_state_dict(unwrap(model))
-    return state if (get_rank() if rank is None else rank) == 0 else None
+    rank = get_rank() if rank is None else rank
+    module = unwrap(model)
+    if rank != 0 and not _zero3_partitioned(module):
+        return None
+    state = merged_state_dict(module, keep=rank == 0)
+    return state if rank == 0 else None
 
 
 def write_safetensors_atomic(state_dict, path, metadata=None):
@@ -187,8 +315,8 @@ def create_critic_model(model_name_or_path, tokenizer, ds_config=None, num_paddi
     """
     from transformers import AutoModel
 
-    from utils.model.reward_model import (RewardModel, check_reward_state_dict_keys,
-                                          read_reward_checkpoint)
+    from utils.model.reward_model import (RewardModel, check_reward_model_dir,
+                                          check_reward_state_dict_keys, read_reward_checkpoint)
 
     start = time.time()
     if not rlhf_training:
@@ -196,8 +324,7 @@ def create_critic_model(model_name_or_path, tokenizer, ds_config=None, num_paddi
                                    disable_dropout=disable_dropout)
         check_tokenizer_contract(tokenizer, backbone.config, "reward model")
         return RewardModel(backbone, tokenizer.pad_token_id, num_padding_at_beginning)
-    if not os.path.isdir(model_name_or_path):
-        raise FileNotFoundError(f"reward model directory {model_name_or_path} does not exist")
+    check_reward_model_dir(model_name_or_path, "reward model")
     state, meta = read_reward_checkpoint(model_name_or_path)
     if meta is not None and meta.get("num_padding_at_beginning") != num_padding_at_beginning:
         print_rank_0(f"[reward] note: the checkpoint was trained with num_padding_at_beginning="
@@ -207,7 +334,7 @@ def create_critic_model(model_name_or_path, tokenizer, ds_config=None, num_paddi
                                rlhf_training=True, disable_dropout=disable_dropout)
     check_tokenizer_contract(tokenizer, backbone.config, "reward model")
     model = RewardModel(backbone, tokenizer.pad_token_id, num_padding_at_beginning)
-    check_reward_state_dict_keys(model, state)
+    check_reward_state_dict_keys(model, state, source=model_name_or_path)
     load_state_dict_into_model(model, state)
     print_rank_0(f"[reward] loaded {model_name_or_path} ({len(state)} tensors) in "
                  f"{time.time() - start:.1f}s")

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from utils.errors import UserError
+
 BACKBONE_PREFIX = "rwtranrsformer."  # the original's typo; checkpoint keys depend on it
 VALUE_HEAD_KEY = "v_head.weight"
 BACKBONE_WEIGHTS_FILE = "model.safetensors"
@@ -179,11 +181,67 @@ def read_original_reward_checkpoint(path):
     if os.path.isdir(path):
         path = os.path.join(path, ORIGINAL_CHECKPOINT_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no reward-model checkpoint at {path}")
+        raise UserError(f"no reward-model checkpoint at {path}")
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state_dict, dict):
-        raise ValueError(f"{path} does not hold a state dict (found {type(state_dict).__name__})")
+        raise UserError(f"{path} does not hold a state dict (found {type(state_dict).__name__})")
     return state_dict
+
+
+def _original_checkpoint_keys(path):
+    """Keys of a pytorch_model.bin, read through a memory map (no tensor is loaded); None when the
+    file cannot be mapped (the legacy non-zip format)."""
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - an unmappable or unreadable file: decided when it is loaded
+        return None
+    return list(state_dict) if isinstance(state_dict, dict) else None
+
+
+def _architecture(directory):
+    try:
+        with open(os.path.join(directory, "config.json")) as f:
+            architectures = json.load(f).get("architectures") or []
+    except (OSError, ValueError):
+        return None
+    return architectures[0] if architectures else None
+
+
+def check_reward_model_dir(directory, flag="--reward_model_name_or_path"):
+    """UserError unless ``directory`` holds a reward model in one of the two layouts (module doc);
+    the message says what the directory is instead (e.g. a stage-1 causal-LM checkpoint) and what
+    it lacks. Reads file names, config.json and, for the original layout, the keys only."""
+    if not directory:
+        raise UserError(f"{flag} is empty: pass a stage-2 output directory")
+    if not os.path.exists(directory):
+        raise UserError(f"{flag} {directory}: no such directory (a stage-2 output directory; "
+                        f"nothing is downloaded)")
+    if not os.path.isdir(directory):
+        raise UserError(f"{flag} {directory}: a file, not a reward-model directory")
+    has = lambda name: os.path.isfile(os.path.join(directory, name))  # noqa: E731
+    ours = ("config.json", BACKBONE_WEIGHTS_FILE, VALUE_HEAD_FILE, REWARD_CONFIG_FILE)
+    if has(REWARD_CONFIG_FILE) or has(VALUE_HEAD_FILE):
+        missing = [name for name in ours if not has(name)]
+        if missing:
+            raise UserError(f"{flag} {directory}: an incomplete reward-model directory, "
+                            f"{', '.join(missing)} missing")
+        return
+    lacks = f"it has no {VALUE_HEAD_FILE} / {REWARD_CONFIG_FILE} (the value head stage 2 writes)"
+    if has(ORIGINAL_CHECKPOINT_FILE):
+        keys = _original_checkpoint_keys(os.path.join(directory, ORIGINAL_CHECKPOINT_FILE))
+        if keys is None or (VALUE_HEAD_KEY in keys and any(k.startswith(BACKBONE_PREFIX) for k in keys)):
+            return  # the original's layout (or a file only loading can judge)
+        raise UserError(f"{flag} {directory}: its {ORIGINAL_CHECKPOINT_FILE} is not a reward model "
+                        f"(no '{VALUE_HEAD_KEY}' / '{BACKBONE_PREFIX}*' keys; a causal-LM or base "
+                        f"checkpoint?); pass a stage-2 output directory")
+    weights = [name for name in ("model.safetensors", "model.safetensors.index.json") if has(name)]
+    if has("config.json") and weights:
+        arch = _architecture(directory) or "unknown architecture"
+        kind = "a causal-LM checkpoint" if "CausalLM" in arch else "a model checkpoint"
+        raise UserError(f"{flag} {directory}: {kind} ({arch}: config.json + {weights[0]}), not a "
+                        f"reward model: {lacks}; pass a stage-2 output directory")
+    raise UserError(f"{flag} {directory}: not a reward-model directory: {lacks}, and no "
+                    f"{ORIGINAL_CHECKPOINT_FILE} (the original's layout)")
 
 
 def save_reward_checkpoint(directory, state_dict, config, pad_token_id, num_padding_at_beginning,
@@ -214,7 +272,7 @@ def read_reward_checkpoint(directory):
     with open(meta_path) as f:
         meta = json.load(f)
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{meta_path}: unsupported format_version {meta.get('format_version')!r}")
+        raise UserError(f"{meta_path}: unsupported format_version {meta.get('format_version')!r}")
     backbone = load_file(os.path.join(directory, BACKBONE_WEIGHTS_FILE))
     head = load_file(os.path.join(directory, VALUE_HEAD_FILE))
     return join_reward_state_dict(backbone, head), meta
@@ -236,8 +294,9 @@ def _tolerated_backbone_keys(backbone):
     return missing, unexpected
 
 
-def check_reward_state_dict_keys(model, state_dict):
-    """Raise ValueError naming every missing, unexpected and wrong-shaped key (the original ignored them).
+def check_reward_state_dict_keys(model, state_dict, source=None):
+    """Raise UserError naming the missing, unexpected and wrong-shaped keys (the original ignored them);
+    `source`: the checkpoint's path, named in the message.
 
     Forgiven: a missing key that is a tied alias of a parameter whose other name is present
     (``named_parameters`` drops duplicates, as the original's ZeRO-3 save did), and backbone keys HF's
@@ -267,11 +326,17 @@ def check_reward_state_dict_keys(model, state_dict):
         if tuple(state_dict[key].shape) != want:
             wrong_shape.append(f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {want}")
     if missing or unexpected or wrong_shape:
-        lines = ["reward-model checkpoint does not match the model:"]
+        parts = []
         if missing:
-            lines.append(f"  missing keys ({len(missing)}): {sorted(missing)}")
+            parts.append(f"missing keys ({len(missing)}): {_some(sorted(missing))}")
         if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {sorted(unexpected)}")
+            parts.append(f"unexpected keys ({len(unexpected)}): {_some(sorted(unexpected))}")
         if wrong_shape:
-            lines.append(f"  wrong shapes: {sorted(wrong_shape)}")
-        raise ValueError("\n".join(lines))
+            parts.append(f"wrong shapes: {_some(sorted(wrong_shape))}")
+        where = f"{source}: " if source else ""
+        raise UserError(f"{where}reward-model checkpoint does not match the model: " + "; ".join(parts))
+
+
+def _some(items, limit=8):
+    """str(items), or its first `limit` entries and how many more (an error stays one short line)."""
+    return str(items) if len(items) <= limit else f"{items[:limit]} and {len(items) - limit} more"
