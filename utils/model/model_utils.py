@@ -197,35 +197,6 @@ def _zero3_partitioned(module):
     return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
-def merged_state_dict(model, keep=True):
-    """The state dict of a plain module as CPU copies, every LoRA update merged into its base
-    weight and no "lora" keys (the model is not modified). Under ZeRO-3 the parameters are gathered
-    one module at a time, a collective: every rank calls it, in the same module order; with
-    `keep=False` a rank only takes part in the gathers, copies nothing and returns None."""
-    from utils.module.lora import LORA_PARAM_NAMES, LinearLayer_LoRA, gathered_parameters, merge_lora_weight
-
-    keys_by_module = {}
-    for key in model.state_dict().keys():  # keys only: under ZeRO-3 the values are empty partitions
-        module_name, _, attr = key.rpartition(".")
-        keys_by_module.setdefault(module_name, []).append(attr)
-    merged = {} if keep else None
-    for module_name, attrs in keys_by_module.items():
-        module = model.get_submodule(module_name)
-        prefix = f"{module_name}." if module_name else ""
-        with gathered_parameters(module.parameters(recurse=False)):
-            if not keep:
-                continue
-            for attr in attrs:
-                if attr in LORA_PARAM_NAMES:
-                    continue
-                tensor = getattr(module, attr).detach()
-                if attr == "weight" and isinstance(module, LinearLayer_LoRA) and not module.fused:
-                    tensor = merge_lora_weight(tensor, module.lora_left_weight.detach(),
-                                               module.lora_right_weight.detach(), module.lora_scaling)
-                merged[prefix + attr] = _cpu_copy(tensor)
-    return merged
-
-
 def gather_state_dict(model, rank=None):
     """The full state dict as CPU tensors on rank 0 (None elsewhere), LoRA merged into a copy.
 
@@ -233,11 +204,13 @@ def gather_state_dict(model, rank=None):
     tensors; otherwise the other ranks return at once. (Every rank used to build a full CPU copy:
     7B on 8 GPUs, ~100 GB of host memory per save for nothing.)
     """
+    from utils.module.lora import lora_merged_state_dict
+
     rank = get_rank() if rank is None else rank
     module = unwrap(model)
     if rank != 0 and not _zero3_partitioned(module):
         return None
-    state = merged_state_dict(module, keep=rank == 0)
+    state = lora_merged_state_dict(module, keep=rank == 0, copy=_cpu_copy)
     return state if rank == 0 else None
 
 

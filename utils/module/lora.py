@@ -131,21 +131,25 @@ def gathered_parameters(params, modifier_rank=None):
         yield
 
 
-def lora_merged_state_dict(model: nn.Module) -> dict:
+def lora_merged_state_dict(model: nn.Module, keep=True, copy=None):
     """The model's state dict as CPU copies, with every LoRA update merged into its base weight and no
     "lora" keys: a plain HF checkpoint. The model is not modified (the original fused in place at every
     save, after which LoRA stopped training). Under ZeRO-3 it gathers one module at a time, so every
-    rank must call it."""
+    rank must call it, in the same module order; with `keep=False` a rank only takes part in the
+    gathers, copies nothing and returns None. `copy(tensor)`: how a tensor is copied to the CPU."""
+    copy = copy or (lambda tensor: tensor.to("cpu", copy=True))
     keys_by_module = {}
     for key in model.state_dict().keys():  # keys only: under ZeRO-3 the values are empty partitions
         module_name, _, attr = key.rpartition(".")
         keys_by_module.setdefault(module_name, []).append(attr)
 
-    merged = {}
+    merged = {} if keep else None
     for module_name, attrs in keys_by_module.items():
         module = model.get_submodule(module_name)
         prefix = f"{module_name}." if module_name else ""
         with gathered_parameters(module.parameters(recurse=False)):
+            if not keep:
+                continue
             for attr in attrs:
                 if attr in LORA_PARAM_NAMES:
                     continue
@@ -153,7 +157,7 @@ def lora_merged_state_dict(model: nn.Module) -> dict:
                 if attr == "weight" and isinstance(module, LinearLayer_LoRA) and not module.fused:
                     tensor = merge_lora_weight(tensor, module.lora_left_weight.detach(),
                                                module.lora_right_weight.detach(), module.lora_scaling)
-                merged[prefix + attr] = tensor.to("cpu", copy=True)
+                merged[prefix + attr] = copy(tensor)
     return merged
 
 
