@@ -11,13 +11,16 @@ sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from transformers import AutoModelForCausalLM, default_data_collator  # noqa: E402
 
 from utils import arguments  # noqa: E402
+from utils.checkpoint import add_checkpoint_args, export_atomic  # noqa: E402
 from utils.data.data_utils import create_prompt_dataset  # noqa: E402
+from utils.errors import run_main  # noqa: E402
 from utils.model.model_utils import (check_tokenizer_contract, count_parameters,  # noqa: E402
                                      create_hf_model, load_hf_tokenizer, save_hf_format)
 from utils.module.lora import apply_lora  # noqa: E402
 from utils.perf import throughput_line, training_passes  # noqa: E402
 from utils.training import (MetricsLog, evaluate_perplexity, init_stage_engine,  # noqa: E402
-                            start_stage, supervised_loaders, train_supervised)
+                            load_supervised_checkpoint, start_stage, supervised_loaders,
+                            train_supervised)
 from utils.utils import print_rank_0  # noqa: E402
 
 
@@ -36,7 +39,8 @@ def parse_args(argv=None):
     arguments.add_logging_args(parser, tensorboard_path="step1_tensorboard")
     parser.add_argument("--evals_per_epoch", type=int, default=10,
                         help="Perplexity evaluations (and saves) per epoch; the original's 10.")
-    return arguments.finish(parser, argv)
+    add_checkpoint_args(parser)
+    return arguments.finish(parser, argv, phase=1)
 
 
 def build_model(args, tokenizer, ds_config):
@@ -48,19 +52,23 @@ def build_model(args, tokenizer, ds_config):
 
 def main():
     args = parse_args()
-    device, world_size, ds_config = start_stage(args)
+    # the directories the flags name, on every rank, before anything is built or written
+    arguments.check_inputs(args, models=["model_name_or_path"])
+    device, world_size, ds_config, resume = start_stage(args)
 
     tokenizer = load_hf_tokenizer(args.model_name_or_path)
-    model = build_model(args, tokenizer, ds_config)
+    # data first: a bad row or an empty split stops the run before the model is loaded
     train_data, eval_data = create_prompt_dataset(
         args.local_rank, args.data_path, args.data_split, args.data_output_path, 1,
         args.data_seed, tokenizer, args.max_seq_len, end_of_conversation_token=tokenizer.eos_token,
-        sft_only_data_path=args.sft_only_data_path)
+        sft_only_data_path=args.sft_only_data_path, strict_data=args.strict_data)
+    model = build_model(args, tokenizer, ds_config)
     train_loader, eval_loader = supervised_loaders(args, train_data, eval_data, default_data_collator,
                                                    world_size)
 
     model = init_stage_engine(model, args, ds_config, train_loader)
-    metrics = MetricsLog(args.output_dir, args.enable_tensorboard)
+    state = load_supervised_checkpoint(resume, model, args, train_loader, world_size)
+    metrics = MetricsLog(args.output_dir, args.enable_tensorboard, keep_lines=state.metrics_lines)
 
     def evaluate():
         ppl, loss = evaluate_perplexity(model, eval_loader, device)
@@ -70,18 +78,21 @@ def main():
     passes = training_passes(args.gradient_checkpointing, args.lora_dim,
                              model.module.config.hidden_size)
     num_params = count_parameters(model)
-    train_supervised(
+    finished = train_supervised(
         model, train_loader, args, device,
         compute_loss=lambda engine, batch: engine(**batch, use_cache=False).loss,
         evaluate=evaluate,
-        save=lambda: save_hf_format(model, tokenizer, args.output_dir),
-        metrics=metrics, stage_name="perplexity",
+        save=lambda: export_atomic(args.output_dir,
+                                   lambda directory: save_hf_format(model, tokenizer, directory)),
+        metrics=metrics, stage_name="perplexity", state=state,
+        checkpoint_metric=("Test/ppl", False), resume=resume,
         throughput=lambda seconds: throughput_line(
             model.module.config, num_params, seconds, args.per_device_train_batch_size * world_size,
             args.max_seq_len, passes, world_size))
     metrics.close()
-    print_rank_0(f"saved the model to {args.output_dir}")
+    if finished:
+        print_rank_0(f"saved the model to {args.output_dir}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -10,13 +10,16 @@ import sys
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from utils import arguments  # noqa: E402
+from utils.checkpoint import add_checkpoint_args, export_atomic  # noqa: E402
 from utils.data.data_utils import DataCollatorReward, create_prompt_dataset  # noqa: E402
+from utils.errors import run_main  # noqa: E402
 from utils.model.model_utils import (count_parameters, create_critic_model,  # noqa: E402
                                      load_hf_tokenizer, save_reward_model)
 from utils.module.lora import apply_lora  # noqa: E402
 from utils.perf import throughput_line, training_passes  # noqa: E402
 from utils.training import (MetricsLog, evaluate_reward, init_stage_engine,  # noqa: E402
-                            start_stage, supervised_loaders, train_supervised)
+                            load_supervised_checkpoint, start_stage, supervised_loaders,
+                            train_supervised)
 from utils.utils import print_rank_0  # noqa: E402
 
 
@@ -40,7 +43,8 @@ def parse_args(argv=None):
                         help="Reward evaluations (and saves) per epoch; the original's 10.")
     parser.add_argument("--eval_max_batches", type=int, default=100,
                         help="Eval batches per rank and evaluation (the original's 100).")
-    return arguments.finish(parser, argv)
+    add_checkpoint_args(parser)
+    return arguments.finish(parser, argv, phase=2)
 
 
 def build_model(args, tokenizer, ds_config):
@@ -52,18 +56,23 @@ def build_model(args, tokenizer, ds_config):
 
 def main():
     args = parse_args()
-    device, world_size, ds_config = start_stage(args)
+    # the directories the flags name, on every rank, before anything is built or written
+    arguments.check_inputs(args, models=["model_name_or_path"])
+    device, world_size, ds_config, resume = start_stage(args)
 
     tokenizer = load_hf_tokenizer(args.model_name_or_path)
-    model = build_model(args, tokenizer, ds_config)
+    # data first: a bad row or an empty split stops the run before the model is loaded
     train_data, eval_data = create_prompt_dataset(
         args.local_rank, args.data_path, args.data_split, args.data_output_path, 2,
-        args.data_seed, tokenizer, args.max_seq_len, end_of_conversation_token=tokenizer.eos_token)
+        args.data_seed, tokenizer, args.max_seq_len, end_of_conversation_token=tokenizer.eos_token,
+        strict_data=args.strict_data)
+    model = build_model(args, tokenizer, ds_config)
     train_loader, eval_loader = supervised_loaders(args, train_data, eval_data, DataCollatorReward(),
                                                    world_size)
 
     model = init_stage_engine(model, args, ds_config, train_loader)
-    metrics = MetricsLog(args.output_dir, args.enable_tensorboard)
+    state = load_supervised_checkpoint(resume, model, args, train_loader, world_size)
+    metrics = MetricsLog(args.output_dir, args.enable_tensorboard, keep_lines=state.metrics_lines)
 
     def evaluate():
         scores = evaluate_reward(model, eval_loader, device, args.eval_max_batches)
@@ -76,20 +85,22 @@ def main():
     backbone_config = model.module.rwtranrsformer.config
     passes = training_passes(args.gradient_checkpointing, args.lora_dim, backbone_config.hidden_size)
     num_params = count_parameters(model)
-    train_supervised(
+    finished = train_supervised(
         model, train_loader, args, device,
         compute_loss=lambda engine, batch: engine(**batch, use_cache=False)["loss"],
         evaluate=evaluate,
-        save=lambda: save_reward_model(model, tokenizer, args.output_dir,
-                                       args.num_padding_at_beginning),
-        metrics=metrics, stage_name="reward",
+        save=lambda: export_atomic(args.output_dir, lambda directory: save_reward_model(
+            model, tokenizer, directory, args.num_padding_at_beginning)),
+        metrics=metrics, stage_name="reward", state=state,
+        checkpoint_metric=("Test/acc", True), resume=resume,
         # chosen and rejected rows both run: twice the per-device batch
         throughput=lambda seconds: throughput_line(
             backbone_config, num_params, seconds, 2 * args.per_device_train_batch_size * world_size,
             args.max_seq_len, passes, world_size))
     metrics.close()
-    print_rank_0(f"saved the reward model to {args.output_dir}")
+    if finished:
+        print_rank_0(f"saved the reward model to {args.output_dir}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

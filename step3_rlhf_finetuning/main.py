@@ -19,6 +19,8 @@ from rounds import StepLog, make_schedule, run_update, training_rounds, update_f
 from train_state import TrainState  # noqa: E402
 from trainer import PolicyTrainer, RolloutSettings  # noqa: E402
 from utils import arguments  # noqa: E402
+from utils.checkpoint import (Checkpointer, add_checkpoint_args, export_atomic,  # noqa: E402
+                              load_training_checkpoint, mark_run_complete, prepare_output_dir)
 from utils.data.data_utils import (DataCollatorRLHF, create_prompt_dataset,  # noqa: E402
                                    get_unsupervised_data)
 from utils.errors import UserError, run_main  # noqa: E402
@@ -130,6 +132,7 @@ def parse_args(argv=None):
     parser.add_argument("--eval_batches", type=int, default=20,
                         help="Prompt batches per rank in each reward evaluation (the original's 20).")
     parser.add_argument("--ppl_eval_batches", type=int, default=100)
+    add_checkpoint_args(parser)
     args = arguments.finish(parser, argv, phase=3)
     check_args(parser, args)
     return args
@@ -271,21 +274,30 @@ def one_actor_forward(args):
 
 def save_models(engine, tokenizer, args):
     """The actor (and EMA) in the Hugging Face layout; PPO's critic in the reward-model layout,
-    which rw_eval.py and a later stage 3 read."""
+    which rw_eval.py and a later stage 3 read. Each export is atomic file by file."""
     print_rank_0("saving model ...")
-    save_hf_format(engine.actor, tokenizer, args.output_dir, "actor")
+    exports = {"actor": lambda d: save_hf_format(engine.actor, tokenizer, d)}
     if engine.actor_ema is not None:
-        save_hf_format(engine.actor_ema, tokenizer, args.output_dir, "actor_ema")
+        exports["actor_ema"] = lambda d: save_hf_format(engine.actor_ema, tokenizer, d)
     if engine.critic is not None:
-        save_reward_model(engine.critic, tokenizer, os.path.join(args.output_dir, "critic"),
-                          args.num_padding_at_beginning)
+        exports["critic"] = lambda d: save_reward_model(engine.critic, tokenizer, d,
+                                                        args.num_padding_at_beginning)
+    for name, write in exports.items():
+        export_atomic(ensure_dir(os.path.join(args.output_dir, name)), write)
+
+
+def ensure_dir(path):
+    os.makedirs(path, exist_ok=True)
+    return path
 
 
 def evaluate_and_log(trainer, eval_loader, ppl_loader, args, state, metrics, device):
     report = evaluate_policy(trainer, eval_loader, ppl_loader, args, state.global_step, device)
     print_rank_0(" | ".join(f"eval {k}: {v:.4f}" for k, v in report.items()))
-    metrics.log(state.global_step, epoch=state.epoch, **{f"eval/{k}": v for k, v in report.items()})
+    scalars = {f"eval/{k}": v for k, v in report.items()}
+    metrics.log(state.global_step, epoch=state.epoch, **scalars)
     state.last_eval_kl = report["kl"]
+    state.last_eval = {"step": state.global_step, **scalars}
     return report
 
 
@@ -332,7 +344,8 @@ def main():
     if args.enable_tensorboard:
         args.tensorboard_path = args.output_dir
     device, args.global_rank, world_size = init_distributed(args.local_rank)
-    set_random_seed(args.seed)
+    resume = prepare_output_dir(args, world_size)   # the finished-run guard, or the resume plan
+    set_random_seed(args.seed)  # a resume's RNG is restored later, right before its first update
     record_run(args)
 
     tokenizer = load_hf_tokenizer(args.actor_model_name_or_path)
@@ -340,42 +353,61 @@ def main():
                                                                           world_size)
     schedule = make_schedule(args, args.num_samples_per_prompt, train_loader, unsup_loader)
     engine = RLHFEngine(args, tokenizer, schedule.optimizer_steps, schedule.micro_batches,
-                        world_size, with_critic=algorithm.critic)
+                        world_size, with_critic=algorithm.critic,
+                        universal=resume is not None and resume.universal)
     if args.enable_mixed_precision_lora:
         engine.actor.optimizer.quantize_nontrainable_params()
         print_rank_0("Mixed Precision ZeRO++ enabled")
     trainer = PolicyTrainer(engine, algorithm, algorithm_settings(args),
                             rollout_settings(args, world_size, engine.hybrid_engine))
-    metrics = MetricsLog(args.output_dir, args.enable_tensorboard)
+    state = TrainState.new(args, world_size, resume)
+    if resume is not None:
+        load_training_checkpoint(resume, engine.trained_engines())
+    checkpointer = Checkpointer(args.output_dir, engine.trained_engines(), args, "eval/reward",
+                                higher_is_better=True,
+                                resumed_step=resume.step if resume else None)
+    metrics = MetricsLog(args.output_dir, args.enable_tensorboard, keep_lines=state.metrics_lines)
     log_step = StepLog(args, metrics, world_size,
                        update_flops(args, unwrap(engine.actor).config, args.num_samples_per_prompt,
                                     algorithm.rollout.greedy_baseline, world_size),
                        schedule.total_updates)
-    state = TrainState()
     guard = NonFiniteGuard()
+    guard.bad = state.nonfinite_streak
     eval_every = interval(schedule.updates_per_epoch, args.evals_per_epoch)
 
     baseline = " + greedy baseline" if algorithm.rollout.greedy_baseline else ""
     print_rank_0(f"***** Running training: {args.algo}, {args.num_samples_per_prompt} sampled "
                  f"answer(s) per prompt{baseline} *****")
-    print_rank_0(f"***** Evaluating policy, Epoch 1/{args.num_train_epochs} *****")
-    evaluate_and_log(trainer, eval_loader, ppl_loader, args, state, metrics, device)
+    if resume is None:
+        print_rank_0(f"***** Evaluating policy, Epoch 1/{args.num_train_epochs} *****")
+        evaluate_and_log(trainer, eval_loader, ppl_loader, args, state, metrics, device)
     for prompt_batches, unsup_batches in training_rounds(train_loader, unsup_loader, args,
-                                                         schedule.updates_per_epoch, state):
+                                                         schedule.updates_per_epoch, state,
+                                                         resume):
         means, seconds = run_update(trainer, prompt_batches, unsup_batches, args, state, device,
                                     world_size)
         # Decided on the all-reduced loss, so every rank stops together.
         guard.check(means["actor_loss"], f"update {state.global_step}")
         log_step(means, seconds, state)
         state.count_update(skipped=trainer.overflowed())
+        state.nonfinite_streak = guard.bad
         if evaluation_due(state, eval_every):
             evaluate_and_save_best(trainer, engine, tokenizer, eval_loader, ppl_loader, args,
                                    state, metrics, device)
         if should_stop(state, args):
             break
+        state.metrics_lines = metrics.lines
+        if checkpointer.step_end(state.global_step, state.to_dict(), state.last_eval):
+            metrics.close()
+            return  # saved on SIGTERM (or --stop_after_steps): continue with --resume
     evaluate_and_save_final(trainer, engine, tokenizer, eval_loader, ppl_loader, args, state,
                             metrics, device)
+    state.metrics_lines = metrics.lines
+    checkpointer.save(state.global_step, state.to_dict(), state.last_eval)
+    checkpointer.close()
     metrics.close()
+    mark_run_complete(args.output_dir, {"stage": f"rlhf-{args.algo}", "step": state.global_step,
+                                        "best_eval_reward": state.best_eval_reward})
     print_rank_0(f"done: {state.global_step} updates; best eval reward {state.best_eval_reward}")
 
 if __name__ == "__main__":

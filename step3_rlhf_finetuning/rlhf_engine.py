@@ -10,6 +10,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
+from utils.checkpoint import universal_ds_config
 from utils.ds_utils import (get_eval_ds_config, get_train_ds_config, resolve_hybrid_engine,
                             set_batch_sizes)
 from utils.model.model_utils import (check_tokenizer_contract, create_critic_model, create_hf_model,
@@ -40,8 +41,10 @@ class RLHFEngine:
     actor's again with the pretraining mix.
     """
 
-    def __init__(self, args, tokenizer, num_total_iters, micro_batches, world_size, with_critic):
+    def __init__(self, args, tokenizer, num_total_iters, micro_batches, world_size, with_critic,
+                 universal=False):
         self.args = args
+        self.universal = universal  # a resume on another number of ranks (DeepSpeed's universal)
         self.tokenizer = tokenizer
         self.world_size = world_size
         self.micro_batches = micro_batches
@@ -52,6 +55,11 @@ class RLHFEngine:
             if with_critic else None
         self.reward = self._timed("Reward", self._init_reward)
 
+    def trained_engines(self):
+        """What a resumable checkpoint holds: the trained engines and the EMA copy."""
+        engines = {"actor": self.actor, "critic": self.critic, "ema": self.actor_ema}
+        return {name: engine for name, engine in engines.items() if engine is not None}
+
     @staticmethod
     def _timed(name, build):
         start = time.time()
@@ -61,6 +69,8 @@ class RLHFEngine:
         return engine
 
     def _batch_sizes(self, config, gradient_accumulation_steps):
+        if self.universal:
+            config["checkpoint"] = universal_ds_config(config)["checkpoint"]
         return set_batch_sizes(config, self.args.per_device_training_batch_size, self.world_size,
                                gradient_accumulation_steps)
 

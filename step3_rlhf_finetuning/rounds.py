@@ -9,6 +9,7 @@ import torch
 
 from utils.data.data_utils import MiniDataset
 from utils.perf import calculate_flops, training_passes
+from utils.checkpoint import restore_rng
 from utils.training import progress, set_loader_epoch
 from utils.utils import all_reduce_sum, get_rank, print_rank_0, to_device
 
@@ -43,21 +44,35 @@ def make_schedule(args, num_samples, train_loader, unsup_loader):
     return Schedule(updates, total, micro, total * args.ppo_epochs)
 
 
-def training_rounds(train_loader, unsup_loader, args, updates_per_epoch, state):
-    """Yields (prompt batches, pretraining batches or None) for each update, epoch by epoch; sets
-    `state.epoch`. Both loaders reshuffle each epoch (the original never reshuffled the mix)."""
+def training_rounds(train_loader, unsup_loader, args, updates_per_epoch, state, resume=None):
+    """Yields (prompt batches, pretraining batches or None) for each update, epoch by epoch, from
+    `state`'s position (`state.epoch`, `state.batches_in_epoch`, advanced as batches are handed
+    out). Both loaders reshuffle each epoch (the original never reshuffled the mix); their order
+    is a function of (seed, epoch), so a resume skips exactly the batches used before it and then
+    restores the RNG of every rank, right before its first update."""
     for state.epoch in range(state.epoch, args.num_train_epochs):
         print_rank_0(f"Beginning of Epoch {state.epoch + 1}/{args.num_train_epochs}, "
                      f"Total Generation Batches {len(train_loader)}")
         set_loader_epoch(train_loader, state.epoch)
         set_loader_epoch(unsup_loader, state.epoch)
-        prompts = iter(progress(train_loader, f"{args.algo} epoch {state.epoch + 1}",
-                                total=updates_per_epoch * args.generation_batches))
+        total = updates_per_epoch * args.generation_batches
+        prompts = iter(train_loader)
         unsup = iter(unsup_loader) if unsup_loader is not None else None
-        for _ in range(updates_per_epoch):
+        for _ in range(state.batches_in_epoch):  # used before the resume
+            next(prompts)
+            if unsup is not None:
+                next(unsup)
+        if resume is not None:
+            restore_rng(resume)
+            resume = None
+        prompts = iter(progress(prompts, f"{args.algo} epoch {state.epoch + 1}", total=total,
+                                initial=state.batches_in_epoch))
+        while state.batches_in_epoch + args.generation_batches <= total:
             batches = [next(prompts) for _ in range(args.generation_batches)]
             unsup_batches = [next(unsup) for _ in batches] if unsup is not None else None
+            state.batches_in_epoch += len(batches)
             yield batches, unsup_batches
+        state.batches_in_epoch = 0
 
 
 def collect_experience(trainer, prompt_batches, unsup_batches, train_batch_size, device, step,

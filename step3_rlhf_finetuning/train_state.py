@@ -2,6 +2,8 @@
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from utils.utils import print_rank_0
+
 
 @dataclass
 class TrainState:
@@ -11,6 +13,32 @@ class TrainState:
     best_eval_reward: Optional[float] = None
     last_eval_kl: Optional[float] = None
     early_stopped: bool = False
+    batches_in_epoch: int = 0       # prompt batches of `epoch` already turned into updates
+    samples_per_batch: int = 0      # prompts per loader step over all ranks (a resume's unit)
+    data_seed: int = 0
+    nonfinite_streak: int = 0       # NonFiniteGuard's count of non-finite losses in a row
+    last_eval: Optional[dict] = None  # {"step": s, "eval/reward": r, ...}: ranks checkpoints
+    metrics_lines: int = 0          # records in metrics.jsonl when this state was taken
+
+    @classmethod
+    def new(cls, args, world_size, resume=None):
+        """A fresh run's state, or the checkpoint's with its data position carried over: the
+        prompt batches of the epoch already used, rounded down to this run's loader steps when
+        the number of ranks changed (a warning says how many prompts are then used again)."""
+        samples = args.per_device_generation_batch_size * world_size
+        if resume is None:
+            return cls(samples_per_batch=samples, data_seed=args.data_seed)
+        state = cls(**resume.loop_state)
+        if state.samples_per_batch != samples:
+            used = state.batches_in_epoch * state.samples_per_batch
+            state.batches_in_epoch = used // samples
+            repeated = used - state.batches_in_epoch * samples
+            if repeated:
+                print_rank_0(f"[resume] {used} prompts of epoch {state.epoch + 1} were used with "
+                             f"{state.samples_per_batch} per loader step; with {samples} now, "
+                             f"{repeated} of them are used again")
+            state.samples_per_batch = samples
+        return state
 
     def is_best(self, eval_reward):
         """Record `eval_reward`; True when it ties or beats the best so far (ties save, as the

@@ -1,8 +1,14 @@
-"""Launch a stage's main.py through the `deepspeed` launcher on the CPU, as users do on GPUs."""
+"""Launch a stage's main.py through the `deepspeed` launcher on the CPU, as users do on GPUs.
+
+Every run gets its own output directory (a stage refuses one that holds a finished run unless
+--resume or --overwrite_output_dir); the resume tests reuse theirs with --resume.
+"""
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = {1: "step1_supervised_finetuning", 2: "step2_reward_model_finetuning",
@@ -24,10 +30,7 @@ def launcher_env():
     return env
 
 
-def run_stage(stage, args, num_gpus=1, timeout=600, script="main.py", launcher=True):
-    """Run `deepspeed --num_gpus N <stage>/<script> args` (or `python <script> args` without the
-    launcher); return the combined output. Raises AssertionError with the output tail on failure.
-    """
+def stage_command(stage, args, num_gpus=1, script="main.py", launcher=True):
     script_path = os.path.join(ROOT, STAGES[stage], script)
     if launcher:
         deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
@@ -35,12 +38,73 @@ def run_stage(stage, args, num_gpus=1, timeout=600, script="main.py", launcher=T
                script_path]
     else:
         cmd = [sys.executable, script_path]
-    cmd += [str(a) for a in args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=launcher_env(), stdout=subprocess.PIPE,
+    return cmd + [str(a) for a in args]
+
+
+def run_stage(stage, args, num_gpus=1, timeout=600, script="main.py", launcher=True, env=None):
+    """Run `deepspeed --num_gpus N <stage>/<script> args` (or `python <script> args` without the
+    launcher); return the combined output. Raises AssertionError with the output tail on failure.
+    `env`: extra environment variables.
+    """
+    proc = subprocess.run(stage_command(stage, args, num_gpus, script, launcher), cwd=ROOT,
+                          env={**launcher_env(), **(env or {})}, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"stage {stage} failed (rc {proc.returncode}):\n{proc.stdout[-6000:]}")
     return proc.stdout
+
+
+class BackgroundStage:
+    """A stage run in the background, in its own process group (so the launcher and every rank
+    can be killed at once), its output in `log_path`."""
+
+    def __init__(self, stage, args, num_gpus, log_path, env=None):
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(stage_command(stage, args, num_gpus), cwd=ROOT,
+                                     env={**launcher_env(), **(env or {})}, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def output(self):
+        if not self.log.closed:
+            self.log.flush()
+        with open(self.log_path) as f:
+            return f.read()
+
+    def wait_until(self, condition, timeout=300, what="the condition"):
+        """Poll `condition()` every 20 ms; AssertionError if the run ends or time runs out first."""
+        deadline = time.time() + timeout
+        while not condition():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the run ended (rc {self.proc.returncode}) before "
+                                     f"{what}:\n{self.output()[-4000:]}")
+            if time.time() > deadline:
+                self.kill()
+                raise AssertionError(f"timed out waiting for {what}:\n{self.output()[-4000:]}")
+            time.sleep(0.02)
+
+    def rank_pid(self, rank):
+        """The pid of the rank process the launcher started with --local_rank=<rank>."""
+        import psutil
+
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            if f"--local_rank={rank}" in child.cmdline():
+                return child.pid
+        raise AssertionError(f"no process of rank {rank}")
+
+    def kill(self):
+        """SIGKILL the launcher and every rank at once."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self.log.close()
+
+    def wait(self, timeout=600):
+        rc = self.proc.wait(timeout=timeout)
+        self.log.close()
+        return rc
 
 
 def cache_dir(output_dir):
@@ -77,3 +141,24 @@ def remax_args(actor_path, reward_path, data_path, out, actor_zero, ref_zero, re
             "--num_padding_at_beginning", pad_at_beginning, "--eval_batches", 2,
             "--ppl_eval_batches", 2, "--evals_per_epoch", 2, "--enable_test_mode",
             "--test_stop_step", 4, "--disable_actor_dropout", "--deepspeed", *extra]
+
+
+def assert_same_training(reference, resumed):
+    """Two runs' metric records (every train step, every evaluation) and exported weights (every
+    top-level *.safetensors file) are equal, bit for bit."""
+    import torch
+    from safetensors.torch import load_file
+
+    from utils.training import read_metrics
+
+    expected, got = read_metrics(reference), read_metrics(resumed)
+    for i, (a, b) in enumerate(zip(expected, got)):
+        assert a == b, f"record {i} differs:\n uninterrupted {a}\n resumed       {b}"
+    assert len(got) == len(expected)
+    files = sorted(f for f in os.listdir(reference) if f.endswith(".safetensors"))
+    assert files and files == sorted(f for f in os.listdir(resumed) if f.endswith(".safetensors"))
+    for name in files:
+        want, have = (load_file(os.path.join(d, name)) for d in (reference, resumed))
+        assert want.keys() == have.keys()
+        different = [k for k in want if not torch.equal(want[k], have[k])]
+        assert not different, f"{name}: {len(different)} tensors differ, e.g. {different[:3]}"

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stage_runner import run_stage, sft_args
+from utils.checkpoint import scan_checkpoints
 from utils.training import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -27,10 +28,21 @@ def check_run(out):
         gen = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
     assert gen.shape[1] > ids["input_ids"].shape[1]
     assert os.path.exists(os.path.join(out, "args.json"))
+    # the end of a run: a resumable checkpoint of the last step, then the finished-run marker
+    assert scan_checkpoints(out).newest.step == records[-1]["step"]
+    assert os.path.exists(os.path.join(out, "run_complete.json"))
 
 
 def test_sft_opt_one_rank_zero2(sft_opt):
     check_run(sft_opt)
+
+
+def test_finished_output_dir_is_refused(sft_opt, tiny_opt_path, preference_data):
+    """A second run into a finished run's directory stops before building anything."""
+    with pytest.raises(AssertionError, match="holds a finished run: pass --resume to continue it"):
+        run_stage(1, sft_args(tiny_opt_path, preference_data, sft_opt, zero_stage=2),
+                  launcher=False)
+    check_run(sft_opt)  # untouched
 
 
 def test_sft_llama_two_ranks_zero3(tiny_llama_path, preference_data, tmp_path):

@@ -3,11 +3,16 @@ import json
 import math
 import os
 import time
+from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
-from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Sampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 
+from utils.checkpoint import (Checkpointer, ResumeError, load_training_checkpoint,
+                              mark_run_complete, prepare_output_dir, restore_rng,
+                              universal_ds_config)
 from utils.utils import (all_reduce_sum, barrier, get_rank, init_distributed, print_rank_0,
                          save_args, save_code, set_random_seed)
 
@@ -29,20 +34,25 @@ def log_precision_once(ds_config):
 
 
 def start_stage(args):
-    """Start-up of stages 1 and 2: process group, the train DeepSpeed config, seed, and rank 0's
-    record of the run (`args.json`, a copy of the code). Returns (device, world_size, ds_config)."""
+    """Start-up of stages 1 and 2: process group, the output directory (the finished-run guard,
+    or the resume plan of --resume / --resume_from), the train DeepSpeed config, seed, and rank
+    0's record of the run (`args.json`, a copy of the code).
+    Returns (device, world_size, ds_config, resume plan or None)."""
     from utils.ds_utils import get_train_ds_config, set_batch_sizes
 
     args.tensorboard_path = args.output_dir
     device, args.global_rank, world_size = init_distributed(args.local_rank)
+    resume = prepare_output_dir(args, world_size)
     ds_config = get_train_ds_config(offload=args.offload, stage=args.zero_stage,
                                     enable_tensorboard=args.enable_tensorboard, bf16=args.bf16,
                                     tb_path=args.tensorboard_path, tb_name="")
+    if resume is not None and resume.universal:
+        ds_config = universal_ds_config(ds_config)
     set_batch_sizes(ds_config, args.per_device_train_batch_size, world_size,
                     args.gradient_accumulation_steps)
-    set_random_seed(args.seed)
+    set_random_seed(args.seed)  # a resume's RNG is restored later, right before its first step
     record_run(args)
-    return device, world_size, ds_config
+    return device, world_size, ds_config, resume
 
 
 def record_run(args):
@@ -53,17 +63,44 @@ def record_run(args):
         save_code(args.output_dir)
 
 
+class EpochRandomSampler(Sampler):
+    """A shuffled order that is a function of (seed, epoch) alone: `torch.randperm` from a
+    generator seeded with `seed + epoch`, the rule of DistributedSampler, so a resumed epoch
+    reproduces its order. Epoch 0 is the order of the RandomSampler we used before (one generator
+    seeded with `seed`); later epochs differ from it (it continued that generator's stream)."""
+
+    def __init__(self, data_source, seed=0):
+        self.num_samples = len(data_source)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        yield from torch.randperm(self.num_samples, generator=generator).tolist()
+
+    def __len__(self):
+        return self.num_samples
+
+
 def make_loader(dataset, batch_size, collate_fn, shuffle, distributed, seed=0, drop_last=False):
-    """A loader over this rank's shard. Distributed loaders shard with a seeded sampler; call
-    `set_epoch` on it (the original never did, so every epoch had the same order)."""
+    """A loader over this rank's shard, its order a function of (seed, epoch): call
+    `set_loader_epoch` each epoch (the original never did, so every epoch had the same order).
+
+    The loader has its own generator: starting an epoch (or an evaluation) then draws nothing
+    from the global torch RNG that dropout uses, so a resumed run's RNG stream is the
+    uninterrupted run's (DataLoader otherwise draws a worker seed from it at every `iter`).
+    """
     if distributed:
         sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
     elif shuffle:
-        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+        sampler = EpochRandomSampler(dataset, seed=seed)
     else:
         sampler = SequentialSampler(dataset)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
-                      drop_last=drop_last)
+                      drop_last=drop_last, generator=torch.Generator().manual_seed(seed))
 
 
 def supervised_loaders(args, train_data, eval_data, collate_fn, world_size):
@@ -90,7 +127,7 @@ def init_stage_engine(model, args, ds_config, train_loader):
 
 
 def set_loader_epoch(loader, epoch):
-    if isinstance(getattr(loader, "sampler", None), DistributedSampler):
+    if hasattr(getattr(loader, "sampler", None), "set_epoch"):
         loader.sampler.set_epoch(epoch)
 
 
@@ -158,11 +195,19 @@ def evaluate_perplexity(model, loader, device, max_batches=None):
 
 
 class MetricsLog:
-    """Rank-0 metric sink: `<output_dir>/metrics.jsonl` always, tensorboard when enabled."""
+    """Rank-0 metric sink: `<output_dir>/metrics.jsonl` always, tensorboard when enabled.
 
-    def __init__(self, output_dir, enable_tensorboard=False, tensorboard_dir=None):
+    `keep_lines`: None appends to the file; 0 starts it afresh; N keeps its first N records (a
+    resume: the records the interrupted run wrote after its checkpoint are dropped). `lines`
+    counts the records in the file (a resume stores it with the loop state)."""
+
+    def __init__(self, output_dir, enable_tensorboard=False, tensorboard_dir=None,
+                 keep_lines=None):
         self.rank0 = get_rank() == 0
         self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.lines = 0
+        if self.rank0:
+            self.lines = _truncate_lines(self.path, keep_lines)
         self.writer = None
         if self.rank0 and enable_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -174,6 +219,7 @@ class MetricsLog:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.lines += 1
         if self.writer is not None:
             for tag, value in scalars.items():
                 if isinstance(value, (int, float)) and "/" in tag:
@@ -185,17 +231,38 @@ class MetricsLog:
             self.writer.close()
 
 
+def _truncate_lines(path, keep):
+    """Keep the first `keep` lines of `path` (all when None); returns how many it holds."""
+    if not os.path.exists(path):
+        if keep:
+            print_rank_0(f"[resume] warning: {path} is missing; its first {keep} records are lost")
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    if keep is None:
+        return len(lines)
+    if len(lines) < keep:
+        print_rank_0(f"[resume] warning: {path} holds {len(lines)} records, the checkpoint "
+                     f"counted {keep}")
+    if len(lines) != keep:
+        with open(path + ".tmp", "w") as f:
+            f.writelines(lines[:keep])
+        os.replace(path + ".tmp", path)
+    return min(len(lines), keep)
+
+
 def read_metrics(output_dir):
     """The records of `<output_dir>/metrics.jsonl` (for tests, the demo report and benchmarks)."""
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def progress(iterable, desc, total=None):
+def progress(iterable, desc, total=None, initial=0):
     """A progress bar on rank 0 only."""
     from tqdm import tqdm
 
-    return tqdm(iterable, desc=desc, total=total, disable=get_rank() != 0, dynamic_ncols=True)
+    return tqdm(iterable, desc=desc, total=total, initial=initial, disable=get_rank() != 0,
+                dynamic_ncols=True)
 
 
 class NonFiniteGuard:
@@ -253,27 +320,136 @@ def evaluate_reward(model, loader, device, max_batches=100):
             "rejected_score": rejected_sum / total}
 
 
+@dataclass
+class SupervisedState:
+    """Where the stage 1/2 loop is: what a resume reloads besides the engine (whose own state
+    holds the optimizer step, `engine.global_steps`)."""
+    step: int = 0                     # optimizer steps done
+    epoch: int = 0                    # the epoch to continue
+    batches_in_epoch: int = 0         # micro-batches of `epoch` already trained on
+    batches_per_epoch: int = 0
+    samples_per_batch: int = 0        # per-device micro-batch x ranks: one loader step, all ranks
+    sampler_seed: int = 0
+    num_train_epochs: int = 0
+    nonfinite_streak: int = 0         # NonFiniteGuard's count of non-finite losses in a row
+    last_eval: Optional[dict] = None  # {"step": s, "Test/...": v, ...}
+    best_eval: Optional[dict] = None
+    metrics_lines: int = 0            # records in metrics.jsonl when this state was taken
+
+    def to_dict(self):
+        return asdict(self)
+
+    def record_eval(self, step, scalars, metric_name, higher_is_better):
+        self.last_eval = {"step": step, **scalars}
+        value = scalars.get(metric_name)
+        best = None if self.best_eval is None else self.best_eval.get(metric_name)
+        if value is not None and (best is None or
+                                  (value > best if higher_is_better else value < best)):
+            self.best_eval = dict(self.last_eval)
+
+
+def supervised_state(args, train_loader, world_size, resume=None):
+    """A fresh run's state, or the checkpoint's, its data position carried over to this run.
+
+    The position is the number of micro-batches of the epoch already trained on; the resumed run
+    skips exactly those of the same-seeded epoch order. With the same samples per loader step
+    (per-device batch x ranks) that is the same data whatever the number of ranks (every sampler
+    draws `randperm(seed + epoch)` and each step takes the next block of it); otherwise the
+    position is rounded down to this run's batches and the warning says how many samples repeat.
+    """
+    samples = args.per_device_train_batch_size * world_size
+    if resume is None:
+        return SupervisedState(batches_per_epoch=len(train_loader), samples_per_batch=samples,
+                               sampler_seed=args.seed, num_train_epochs=args.num_train_epochs)
+    state = SupervisedState(**resume.loop_state)
+    if state.num_train_epochs != args.num_train_epochs:
+        print_rank_0(f"[resume] warning: --num_train_epochs {args.num_train_epochs}, the "
+                     f"checkpoint's run had {state.num_train_epochs}: the LR schedule's horizon "
+                     "changes from here on")
+        state.num_train_epochs = args.num_train_epochs
+    if state.sampler_seed != args.seed:
+        raise ResumeError(f"--seed {args.seed} differs from the checkpoint's {state.sampler_seed} "
+                          f"(it fixes the data order); resume with --seed {state.sampler_seed}")
+    if samples == state.samples_per_batch and len(train_loader) != state.batches_per_epoch \
+            and world_size == resume.saved_world_size:
+        raise ResumeError(f"the training data changed: {len(train_loader)} batches per epoch, the "
+                          f"checkpoint had {state.batches_per_epoch} (same data flags needed)")
+    if samples != state.samples_per_batch:
+        consumed = state.batches_in_epoch * state.samples_per_batch
+        state.batches_in_epoch = consumed // samples
+        print_rank_0(f"[resume] warning: {samples} samples per loader step instead of "
+                     f"{state.samples_per_batch}: continuing epoch {state.epoch + 1} at batch "
+                     f"{state.batches_in_epoch} ({consumed - state.batches_in_epoch * samples} "
+                     "samples seen again); the rest of the epoch is not the uninterrupted order")
+    state.samples_per_batch, state.batches_per_epoch = samples, len(train_loader)
+    return state
+
+
+def load_supervised_checkpoint(resume, engine, args, train_loader, world_size):
+    """The loop state to start from: a fresh one, or (on every rank) the engine loaded from the
+    resume plan's checkpoint and its loop state carried over (`supervised_state`)."""
+    if resume is not None:
+        load_training_checkpoint(resume, {"model": engine})
+    return supervised_state(args, train_loader, world_size, resume)
+
+
+def at_optimizer_boundary(engine):
+    """True right after an `engine.step()` that applied an optimizer step."""
+    return engine.micro_steps % engine.gradient_accumulation_steps() == 0
+
+
 def train_supervised(model, train_loader, args, device, compute_loss, evaluate, save, metrics,
-                     stage_name, throughput=None):
+                     stage_name, state, checkpoint_metric, resume=None, throughput=None):
     """The stage 1/2 loop: epochs of forward, backward, step; `evaluate()` (returning a dict of
     scalars, already printed) before training, `args.evals_per_epoch` times per epoch (then `save()`,
     as the original did) and at each epoch's end; `save()` at the end.
 
+    Resumable: a checkpoint (engine + `state` + RNG) every `--save_steps` optimizer steps, at the
+    end and on SIGTERM, taken at an optimizer-step boundary after that step's evaluation and
+    export. `resume` (a plan from `start_stage`) continues `state` exactly: no initial
+    evaluation, the epoch's consumed batches skipped, the RNG restored right before the first
+    step. `checkpoint_metric`: (name, higher_is_better) of the evaluation that ranks checkpoints.
+    Returns True when the run finished (`run_complete.json` written), False when it stopped
+    early after saving (SIGTERM, --stop_after_steps).
+
     `compute_loss(model, batch) -> loss`; `throughput(seconds) -> str` for `--print_loss` runs.
     """
     epochs = args.num_train_epochs
+    metric_name, higher_is_better = checkpoint_metric
+    checkpointer = Checkpointer(args.output_dir, {"model": model}, args, metric_name,
+                                higher_is_better, resumed_step=resume.step if resume else None)
+
+    def log_evaluation(epoch):
+        scalars = evaluate()
+        metrics.log(model.global_steps, epoch=epoch, **scalars)
+        state.record_eval(model.global_steps, scalars, metric_name, higher_is_better)
+
+    def step_boundary():
+        """Every rank, after an optimizer step: save when due; True when the loop must stop."""
+        state.step, state.metrics_lines = model.global_steps, metrics.lines
+        return checkpointer.step_end(model.global_steps, state.to_dict(), state.last_eval)
+
     print_rank_0("***** Running training *****")
-    print_rank_0(f"***** Evaluating {stage_name}, Epoch 1/{epochs} *****")
-    metrics.log(0, epoch=0, **evaluate())
+    if resume is None:
+        print_rank_0(f"***** Evaluating {stage_name}, Epoch 1/{epochs} *****")
+        log_evaluation(0)
     eval_every = interval(len(train_loader), args.evals_per_epoch)
     guard = NonFiniteGuard()
-    for epoch in range(epochs):
+    guard.bad = state.nonfinite_streak
+    for epoch in range(state.epoch, epochs):
         print_rank_0(f"Beginning of Epoch {epoch + 1}/{epochs}, "
                      f"Total Micro Batches {len(train_loader)}")
         set_loader_epoch(train_loader, epoch)
         model.train()
-        bar = progress(train_loader, f"{stage_name} epoch {epoch + 1}/{epochs}")
-        for step, batch in enumerate(bar):
+        batches = iter(train_loader)
+        for _ in range(state.batches_in_epoch):  # trained on before the resume
+            next(batches)
+        if resume is not None:  # last, right before the first resumed step, on every rank
+            restore_rng(resume)
+            resume = None
+        bar = progress(batches, f"{stage_name} epoch {epoch + 1}/{epochs}",
+                       total=len(train_loader), initial=state.batches_in_epoch)
+        for step, batch in enumerate(bar, start=state.batches_in_epoch):
             start = time.time()
             loss = compute_loss(model, {k: v.to(device) for k, v in batch.items()})
             if args.print_loss:
@@ -282,18 +458,32 @@ def train_supervised(model, train_loader, args, device, compute_loss, evaluate, 
             guard.check(loss.item(), f"epoch {epoch + 1} step {step}")
             model.backward(loss)
             model.step()
+            state.batches_in_epoch, state.nonfinite_streak = step + 1, guard.bad
             bar.set_postfix(loss=f"{loss.item():.4f}")
             metrics.log(model.global_steps, epoch=epoch + 1,
                         **{"Train/loss": loss.item(), "Train/lr": model.get_lr()[0]})
             if args.print_loss and throughput is not None:
                 print_rank_0(throughput(time.time() - start))
-            if (step + 1) % eval_every == 0 and step + 1 < len(train_loader):
+            last_of_epoch = step + 1 == len(train_loader)
+            if (step + 1) % eval_every == 0 and not last_of_epoch:
                 print_rank_0(f"***** Evaluating {stage_name}, Epoch {epoch + 1}/{epochs} "
                              f"Step {step + 1}/{len(train_loader)} *****")
-                metrics.log(model.global_steps, epoch=epoch + 1, **evaluate())
+                log_evaluation(epoch + 1)
                 model.train()
                 save()
+            # the last step's checkpoint comes after the end-of-epoch evaluation
+            if not last_of_epoch and at_optimizer_boundary(model) and step_boundary():
+                return False
         print_rank_0(f"***** Evaluating {stage_name}, end of Epoch {epoch + 1}/{epochs} *****")
-        metrics.log(model.global_steps, epoch=epoch + 1, **evaluate())
+        log_evaluation(epoch + 1)
+        state.epoch, state.batches_in_epoch = epoch + 1, 0
+        if at_optimizer_boundary(model) and step_boundary():
+            return False
     print_rank_0("saving the final model ...")
     save()
+    state.step, state.metrics_lines = model.global_steps, metrics.lines
+    checkpointer.save(model.global_steps, state.to_dict(), state.last_eval)
+    checkpointer.close()
+    mark_run_complete(args.output_dir, {"stage": stage_name, "step": model.global_steps,
+                                        "last_eval": state.last_eval})
+    return True
