@@ -1,5 +1,6 @@
 """Shared fixtures: offline mode, the CPU accelerator, and tiny model checkpoints built locally."""
 import os
+import sys
 
 # Nothing in the tests may reach the network; DeepSpeed runs on the CPU accelerator.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -7,8 +8,29 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# DeepSpeed's JIT-built CPU ops go inside this environment (each clone builds its own), not into the
+# user's ~/.cache/torch_extensions where another checkout's killed build can leave a lock behind.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 import pytest
+
+CPU_OPS = ("ShareMemCommBuilder", "CPUAdamBuilder")
+
+
+def pytest_sessionstart(session):
+    """Build the CPU ops once, here, so no timed test compiles and none is killed mid-build (a killed
+    build leaves a lock that hangs every later run). A lock left by an earlier session is removed."""
+    if os.environ["DS_ACCELERATOR"] != "cpu":
+        return
+    from utils.torch_extensions import stale_build_locks
+
+    for lock in stale_build_locks(os.environ["TORCH_EXTENSIONS_DIR"]):
+        print(f"removing the stale build lock {lock}")
+        os.remove(lock)
+    from deepspeed.accelerator import get_accelerator
+
+    for name in CPU_OPS:
+        get_accelerator().create_op_builder(name).load(verbose=False)
 
 
 @pytest.fixture(scope="session")

@@ -41,17 +41,49 @@ def stage_command(stage, args, num_gpus=1, script="main.py", launcher=True):
     return cmd + [str(a) for a in args]
 
 
+def leaked_shm_buffers(cmd):
+    """DeepSpeed's CPU shared-memory all-reduce files still in /dev/shm for the launcher's port
+    (init_distributed unlinks them; a leak costs 66 MB of RAM per rank until reboot)."""
+    if "--master_port" not in cmd:
+        return []
+    port = cmd[cmd.index("--master_port") + 1]
+    suffix = f"_{port}_"
+    return [f for f in os.listdir("/dev/shm") if f.startswith("deepspeed_allreduce_buffer_") and suffix in f]
+
+
+def run_command(cmd, env=None, timeout=600):
+    """Run `cmd` in its own process group; return (returncode, combined output). On a timeout the
+    launcher and every rank are killed (subprocess.run's timeout would orphan the ranks) and the
+    test fails with the output so far. A run that leaks a /dev/shm all-reduce buffer fails too."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**launcher_env(), **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        raise AssertionError(f"timed out after {timeout} s: {' '.join(cmd[:4])}\n{output[-6000:]}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)   # a rank the launcher left behind
+        except ProcessLookupError:
+            pass
+    leaked = leaked_shm_buffers(cmd)
+    for name in leaked:
+        os.unlink(os.path.join("/dev/shm", name))
+    assert not leaked, f"the run left {leaked} in /dev/shm"
+    return proc.returncode, output
+
+
 def run_stage(stage, args, num_gpus=1, timeout=600, script="main.py", launcher=True, env=None):
     """Run `deepspeed --num_gpus N <stage>/<script> args` (or `python <script> args` without the
     launcher); return the combined output. Raises AssertionError with the output tail on failure.
     `env`: extra environment variables.
     """
-    proc = subprocess.run(stage_command(stage, args, num_gpus, script, launcher), cwd=ROOT,
-                          env={**launcher_env(), **(env or {})}, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"stage {stage} failed (rc {proc.returncode}):\n{proc.stdout[-6000:]}")
-    return proc.stdout
+    returncode, output = run_command(stage_command(stage, args, num_gpus, script, launcher), env, timeout)
+    if returncode != 0:
+        raise AssertionError(f"stage {stage} failed (rc {returncode}):\n{output[-6000:]}")
+    return output
 
 
 class BackgroundStage:

@@ -514,12 +514,7 @@ def needs_wiring(stage):
 
 
 def launch(stage, args, num_gpus=2):
-    script = os.path.join(stage_runner.ROOT, stage_runner.STAGES[stage], "main.py")
-    deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    cmd = [deepspeed, "--num_gpus", str(num_gpus), "--master_port", str(stage_runner.free_port()), script]
-    proc = subprocess.run(cmd + [str(a) for a in args], cwd=stage_runner.ROOT, env=stage_runner.launcher_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
-    return proc.returncode, proc.stdout
+    return stage_runner.run_command(stage_runner.stage_command(stage, args, num_gpus))
 
 
 MODEL_FILES = ("config.json", "model.safetensors", "value_head.safetensors", "pytorch_model.bin")

@@ -78,8 +78,36 @@ def init_distributed(local_rank=-1):
         device = torch.device(accelerator.device_name(), local_rank)
     else:
         device = torch.device(accelerator.device_name())
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        from utils.torch_extensions import warn_about_stale_build_locks
+
+        warn_about_stale_build_locks()
     deepspeed.init_distributed()
+    if accelerator.device_name() == "cpu":
+        release_shm_allreduce_buffer()
     return device, torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def shm_allreduce_buffer_path(rank):
+    """The /dev/shm file DeepSpeed's CPU accelerator creates for this rank's shared-memory
+    all-reduce (when every rank is on this host): 66 MB named by user, MASTER_ADDR, MASTER_PORT, rank."""
+    return os.path.join("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_"
+                        f"{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def release_shm_allreduce_buffer():
+    """Unlink this rank's shared-memory all-reduce file once every rank has mapped it.
+
+    DeepSpeed (0.19, CPU accelerator) never unlinks it, so each run left 66 MB per rank in
+    /dev/shm (RAM) until the host ran out of memory. The mappings stay valid after the unlink and
+    the memory is freed when the last rank exits. DeepSpeed opens its peers' files inside
+    init_distributed, so after the barrier no rank needs the name any more.
+    """
+    barrier()
+    try:
+        os.unlink(shm_allreduce_buffer_path(torch.distributed.get_rank()))
+    except FileNotFoundError:
+        pass   # no shm all-reduce (ranks on several hosts, or the op not built)
 
 
 def barrier():
