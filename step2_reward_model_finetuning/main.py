@@ -57,8 +57,8 @@ def build_model(args, tokenizer, ds_config):
 def main():
     args = parse_args()
     # the directories the flags name, on every rank, before anything is built or written
-    arguments.check_inputs(args, models=["model_name_or_path"])
-    device, world_size, ds_config, resume = start_stage(args)
+    device, world_size, ds_config, resume = start_stage(
+        args, lambda: arguments.check_inputs(args, models=["model_name_or_path"]))
 
     tokenizer = load_hf_tokenizer(args.model_name_or_path)
     # data first: a bad row or an empty split stops the run before the model is loaded

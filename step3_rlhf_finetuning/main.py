@@ -26,8 +26,10 @@ from utils.data.data_utils import (DataCollatorRLHF, create_prompt_dataset,  # n
 from utils.errors import UserError, run_main  # noqa: E402
 from utils.model.model_utils import (load_hf_tokenizer, save_hf_format,  # noqa: E402
                                      save_reward_model, unwrap)
-from utils.training import MetricsLog, NonFiniteGuard, interval, make_loader, record_run  # noqa: E402
-from utils.utils import init_distributed, print_rank_0, set_random_seed  # noqa: E402
+from utils.nonfinite import APPLIED, STOP, NonFiniteUpdates  # noqa: E402
+from utils.training import MetricsLog, interval, make_loader, record_run  # noqa: E402
+from utils.preflight import start_checked  # noqa: E402
+from utils.utils import print_rank_0, set_random_seed  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -340,10 +342,10 @@ def should_stop(state, args):
 def main():
     args = parse_args()
     algorithm = ALGORITHMS[args.algo]
-    check_input_files(args, algorithm)
     if args.enable_tensorboard:
         args.tensorboard_path = args.output_dir
-    device, args.global_rank, world_size = init_distributed(args.local_rank)
+    device, args.global_rank, world_size = start_checked(
+        args, lambda: check_input_files(args, algorithm))
     resume = prepare_output_dir(args, world_size)   # the finished-run guard, or the resume plan
     set_random_seed(args.seed)  # a resume's RNG is restored later, right before its first update
     record_run(args)
@@ -358,9 +360,11 @@ def main():
     if args.enable_mixed_precision_lora:
         engine.actor.optimizer.quantize_nontrainable_params()
         print_rank_0("Mixed Precision ZeRO++ enabled")
-    trainer = PolicyTrainer(engine, algorithm, algorithm_settings(args),
-                            rollout_settings(args, world_size, engine.hybrid_engine))
     state = TrainState.new(args, world_size, resume)
+    guard = NonFiniteUpdates(args.max_nonfinite_updates, state.nonfinite_streak,
+                             state.nonfinite_skipped, state.overflow_skipped, args.debug_nan_loss)
+    trainer = PolicyTrainer(engine, algorithm, algorithm_settings(args),
+                            rollout_settings(args, world_size, engine.hybrid_engine), guard)
     if resume is not None:
         load_training_checkpoint(resume, engine.trained_engines())
     checkpointer = Checkpointer(args.output_dir, engine.trained_engines(), args, "eval/reward",
@@ -371,8 +375,6 @@ def main():
                        update_flops(args, unwrap(engine.actor).config, args.num_samples_per_prompt,
                                     algorithm.rollout.greedy_baseline, world_size),
                        schedule.total_updates)
-    guard = NonFiniteGuard()
-    guard.bad = state.nonfinite_streak
     eval_every = interval(schedule.updates_per_epoch, args.evals_per_epoch)
 
     baseline = " + greedy baseline" if algorithm.rollout.greedy_baseline else ""
@@ -384,13 +386,21 @@ def main():
     for prompt_batches, unsup_batches in training_rounds(train_loader, unsup_loader, args,
                                                          schedule.updates_per_epoch, state,
                                                          resume):
+        guard.begin_update(state.global_step)
         means, seconds = run_update(trainer, prompt_batches, unsup_batches, args, state, device,
                                     world_size)
-        # Decided on the all-reduced loss, so every rank stops together.
-        guard.check(means["actor_loss"], f"update {state.global_step}")
         log_step(means, seconds, state)
-        state.count_update(skipped=trainer.overflowed())
-        state.nonfinite_streak = guard.bad
+        outcome = guard.end_update()   # the same on every rank: decided on all-reduced values
+        if outcome != APPLIED:
+            metrics.log(state.global_step, **{"train/nonfinite_skipped": guard.skipped,
+                                              "train/overflow_skipped": guard.overflows})
+        state.count_update(outcome == APPLIED, **guard.counters())
+        if outcome == STOP:
+            state.metrics_lines = metrics.lines
+            path = checkpointer.save(state.global_step, state.to_dict(), state.last_eval)
+            checkpointer.close()
+            metrics.close()
+            raise guard.stop_error(f"checkpoint {path}")
         if evaluation_due(state, eval_every):
             evaluate_and_save_best(trainer, engine, tokenizer, eval_loader, ppl_loader, args,
                                    state, metrics, device)

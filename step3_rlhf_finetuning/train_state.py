@@ -16,7 +16,9 @@ class TrainState:
     batches_in_epoch: int = 0       # prompt batches of `epoch` already turned into updates
     samples_per_batch: int = 0      # prompts per loader step over all ranks (a resume's unit)
     data_seed: int = 0
-    nonfinite_streak: int = 0       # NonFiniteGuard's count of non-finite losses in a row
+    nonfinite_streak: int = 0       # updates in a row skipped for a non-finite loss
+    nonfinite_skipped: int = 0      # updates skipped for a non-finite loss, whole run
+    overflow_skipped: int = 0       # updates with an actor/critic step DeepSpeed skipped (fp16)
     last_eval: Optional[dict] = None  # {"step": s, "eval/reward": r, ...}: ranks checkpoints
     metrics_lines: int = 0          # records in metrics.jsonl when this state was taken
 
@@ -48,11 +50,13 @@ class TrainState:
             return True
         return False
 
-    def count_update(self, skipped):
-        """One more update; `skipped`: DeepSpeed skipped its step (fp16 overflow)."""
+    def count_update(self, applied, nonfinite_streak, nonfinite_skipped, overflow_skipped):
+        """One more update; `applied`: no optimizer step of it was skipped (fp16 overflow or a
+        non-finite loss); the rest are NonFiniteUpdates' counters."""
         self.global_step += 1
-        if not skipped:
-            self.non_overflow_steps += 1
+        self.non_overflow_steps += int(applied)
+        self.nonfinite_streak, self.nonfinite_skipped, self.overflow_skipped = (
+            nonfinite_streak, nonfinite_skipped, overflow_skipped)
 
     def to_dict(self):
         return asdict(self)

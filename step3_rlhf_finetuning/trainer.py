@@ -19,6 +19,7 @@ from rl_math import (action_mask_from_sequences, answer_lengths, entropy_and_ful
 from rlhf_engine import moving_average
 from utils.model.model_utils import unwrap
 from utils.model.reward_model import answer_end_index
+from utils.nonfinite import NonFiniteUpdates
 from utils.utils import get_rank
 
 # The original's sampling settings (HF defaults filled in explicitly: top_k 50 was active too).
@@ -59,7 +60,10 @@ class PolicyTrainer:
     """Turns prompt batches into experience and experience into one update of the actor (and the
     critic, for algorithms that have one)."""
 
-    def __init__(self, rlhf_engine, algorithm, settings, rollout):
+    def __init__(self, rlhf_engine, algorithm, settings, rollout, nonfinite=None):
+        """`nonfinite`: the NonFiniteUpdates that every backward and step goes through (a
+        non-finite loss on any rank skips the optimizer step on every rank)."""
+        self.nonfinite = nonfinite or NonFiniteUpdates()
         self.engine = rlhf_engine
         self.actor = rlhf_engine.actor
         self.ref = rlhf_engine.ref
@@ -352,21 +356,19 @@ class PolicyTrainer:
         (twice as many micro-batches with the pretraining mix), so DeepSpeed scales each backward
         by 1/K and steps the optimizer (clip 1.0, AdamW, LR schedule) once per pass — the
         original's `backward(loss / K)` ... `step()`. Returns metric means over the micro-batches.
+        Every backward and step goes through `self.nonfinite`; its `end_update()` then tells
+        whether a step was skipped.
         """
         sums, count = defaultdict(float), 0
         for _ in range(self.rollout.ppo_epochs):
             for i, exp in enumerate(experiences):
                 loss, stats = self.compute_loss(exp)
-                self.actor.backward(loss)
-                self.actor.step()
-                sums["actor_loss"] += loss.item()
+                sums["actor_loss"] += self.nonfinite.backward_and_step(self.actor, loss)
                 for key, value in stats.items():
                     sums[key] += value
                 if self.algorithm.critic:
-                    value_loss = self.compute_value_loss(exp)
-                    self.critic.backward(value_loss)
-                    self.critic.step()
-                    sums["critic_loss"] += value_loss.item()
+                    sums["critic_loss"] += self.nonfinite.backward_and_step(
+                        self.critic, self.compute_value_loss(exp))
                 if unsupervised_batches is not None:
                     sums["unsup_loss"] += self.train_unsupervised(unsupervised_batches[i],
                                                                   self.rollout.unsup_coef)
@@ -379,14 +381,8 @@ class PolicyTrainer:
         """DeepSpeed-Chat's pretraining mix: LM loss on a pretraining batch, scaled by unsup_coef,
         accumulated into the same optimizer step (the original raised NotImplementedError)."""
         loss = self.actor(**batch, use_cache=False).loss
-        self.actor.backward(unsup_coef * loss)
-        self.actor.step()
+        self.nonfinite.backward_and_step(self.actor, unsup_coef * loss)
         return loss.item()
-
-    def overflowed(self):
-        """True when DeepSpeed skipped the last actor step for an fp16 overflow."""
-        optimizer = getattr(self.actor, "optimizer", None)
-        return bool(getattr(optimizer, "overflow", False))
 
 
 def answer_batch(exp):

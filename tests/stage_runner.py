@@ -86,6 +86,38 @@ def run_stage(stage, args, num_gpus=1, timeout=600, script="main.py", launcher=T
     return output
 
 
+def run_two_nodes(stage, args, hostfile, timeout=600, cwds=(ROOT, ROOT)):
+    """Run a stage as two "nodes" of one rank each on this host: the launcher's multi-node mode
+    without ssh (`--hostfile` naming two hosts, `--no_ssh --node_rank i`), one launcher per node,
+    as a cluster's scheduler starts them. `cwds`: each node's working directory. Returns
+    [(returncode, output)] for node 0 and node 1; a timeout kills both and fails."""
+    deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    script = os.path.join(ROOT, STAGES[stage], "main.py")
+    port = str(free_port())
+    procs = [subprocess.Popen([deepspeed, "--hostfile", hostfile, "--no_ssh", "--node_rank", str(node),
+                               "--master_addr", "127.0.0.1", "--master_port", port, script,
+                               *[str(a) for a in args]],
+                              cwd=cwd, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True) for node, cwd in enumerate(cwds)]
+    deadline = time.time() + timeout
+    results = []
+    try:
+        for proc in procs:
+            output, _ = proc.communicate(timeout=max(1, deadline - time.time()))
+            results.append((proc.returncode, output))
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"two-node run timed out after {timeout} s:\n" +
+                             "\n".join(r[1][-3000:] for r in results))
+    finally:
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+    return results
+
+
 class BackgroundStage:
     """A stage run in the background, in its own process group (so the launcher and every rank
     can be killed at once), its output in `log_path`."""

@@ -12,6 +12,7 @@ import math
 from transformers import SchedulerType
 
 from utils.errors import UserError, exit_with_error
+from utils.nonfinite import add_nonfinite_args, parse_debug_nan_loss
 
 SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
               "constant_with_warmup"]
@@ -58,6 +59,7 @@ def add_runtime_args(parser, seed=2023):
     group.add_argument("--output_dir", type=str, default=None, help="Where to save the model.")
     group.add_argument("--seed", type=int, default=seed)
     group.add_argument("--local_rank", type=int, default=-1, help="Set by the deepspeed launcher.")
+    add_nonfinite_args(group)
     return group
 
 
@@ -221,6 +223,9 @@ def check_common_args(args, phase=None):
                            "gradient_accumulation_steps", "max_seq_len"))
     check_lora_args(args)
     check_frozen_model_stages(args)
+    if hasattr(args, "max_nonfinite_updates"):
+        _check_at_least(args, ("max_nonfinite_updates",))
+        parse_debug_nan_loss(args.debug_nan_loss)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -858,11 +858,12 @@ class Checkpointer:
         return self.stop_reason is not None
 
     def save(self, step, loop_state, last_eval=None):
-        if step == self.last_saved_step:
-            return
-        save_training_checkpoint(self.output_dir, step, self.engines, loop_state,
-                                 self.metric(last_eval), self.keep)
-        self.last_saved_step = step
+        """Save (once per step); returns the checkpoint directory."""
+        if step != self.last_saved_step:
+            save_training_checkpoint(self.output_dir, step, self.engines, loop_state,
+                                     self.metric(last_eval), self.keep)
+            self.last_saved_step = step
+        return os.path.join(checkpoint_root(self.output_dir), checkpoint_name(step))
 
     def close(self):
         self.signal.uninstall()

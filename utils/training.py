@@ -13,7 +13,9 @@ from torch.utils.data.distributed import DistributedSampler
 from utils.checkpoint import (Checkpointer, ResumeError, load_training_checkpoint,
                               mark_run_complete, prepare_output_dir, restore_rng,
                               universal_ds_config)
-from utils.utils import (all_reduce_sum, barrier, get_rank, init_distributed, print_rank_0,
+from utils.nonfinite import APPLIED, STOP, NonFiniteUpdates
+from utils.preflight import start_checked
+from utils.utils import (all_reduce_sum, barrier, get_rank, print_rank_0,
                          save_args, save_code, set_random_seed)
 
 _precision_logged = False
@@ -33,15 +35,16 @@ def log_precision_once(ds_config):
     print_rank_0(f"[precision] training in {precision}")
 
 
-def start_stage(args):
-    """Start-up of stages 1 and 2: process group, the output directory (the finished-run guard,
+def start_stage(args, check_inputs):
+    """Start-up of stages 1 and 2: `check_inputs()` on every rank, the process group and the
+    preflight (every rank's problems, one line on all ranks), the output directory (the finished-run guard,
     or the resume plan of --resume / --resume_from), the train DeepSpeed config, seed, and rank
     0's record of the run (`args.json`, a copy of the code).
     Returns (device, world_size, ds_config, resume plan or None)."""
     from utils.ds_utils import get_train_ds_config, set_batch_sizes
 
     args.tensorboard_path = args.output_dir
-    device, args.global_rank, world_size = init_distributed(args.local_rank)
+    device, args.global_rank, world_size = start_checked(args, check_inputs)
     resume = prepare_output_dir(args, world_size)
     ds_config = get_train_ds_config(offload=args.offload, stage=args.zero_stage,
                                     enable_tensorboard=args.enable_tensorboard, bf16=args.bf16,
@@ -265,24 +268,21 @@ def progress(iterable, desc, total=None, initial=0):
                 dynamic_ncols=True)
 
 
-class NonFiniteGuard:
-    """Stops a run whose loss is NaN/inf for `patience` updates in a row, with a message that says
-    what to try, instead of training on garbage (fp16 overflow on Llama-2 is the usual cause)."""
-
-    def __init__(self, patience=3):
-        self.patience = patience
-        self.bad = 0
-
-    def check(self, loss_value, where):
-        if math.isfinite(loss_value):
-            self.bad = 0
-            return
-        self.bad += 1
-        print_rank_0(f"[warning] non-finite loss ({loss_value}) at {where}")
-        if self.bad >= self.patience:
-            raise FloatingPointError(
-                f"the loss was non-finite for {self.bad} updates in a row (last at {where}); "
-                "lower the learning rate, or use --bf16 / --actor_bf16 instead of fp16")
+def end_update(guard, state, metrics, step, checkpointer):
+    """After an optimizer step, on every rank: count a skipped one; after too many non-finite
+    updates in a row, save a checkpoint and raise the one-line error (every rank together)."""
+    outcome = guard.end_update()
+    counters = guard.counters()
+    state.nonfinite_streak, state.nonfinite_skipped, state.overflow_skipped = (
+        counters["nonfinite_streak"], counters["nonfinite_skipped"], counters["overflow_skipped"])
+    if outcome != APPLIED:
+        metrics.log(step, **{"Train/nonfinite_skipped": guard.skipped,
+                             "Train/overflow_skipped": guard.overflows})
+    if outcome == STOP:
+        state.step, state.metrics_lines = step, metrics.lines
+        path = checkpointer.save(step, state.to_dict(), state.last_eval)
+        checkpointer.close()
+        raise guard.stop_error(f"checkpoint {path}")
 
 
 def interval(num_batches, times_per_epoch):
@@ -331,7 +331,9 @@ class SupervisedState:
     samples_per_batch: int = 0        # per-device micro-batch x ranks: one loader step, all ranks
     sampler_seed: int = 0
     num_train_epochs: int = 0
-    nonfinite_streak: int = 0         # NonFiniteGuard's count of non-finite losses in a row
+    nonfinite_streak: int = 0         # updates in a row skipped for a non-finite loss
+    nonfinite_skipped: int = 0        # updates skipped for a non-finite loss, whole run
+    overflow_skipped: int = 0         # optimizer steps DeepSpeed skipped for fp16 overflow
     last_eval: Optional[dict] = None  # {"step": s, "Test/...": v, ...}
     best_eval: Optional[dict] = None
     metrics_lines: int = 0            # records in metrics.jsonl when this state was taken
@@ -434,8 +436,8 @@ def train_supervised(model, train_loader, args, device, compute_loss, evaluate, 
         print_rank_0(f"***** Evaluating {stage_name}, Epoch 1/{epochs} *****")
         log_evaluation(0)
     eval_every = interval(len(train_loader), args.evals_per_epoch)
-    guard = NonFiniteGuard()
-    guard.bad = state.nonfinite_streak
+    guard = NonFiniteUpdates(args.max_nonfinite_updates, state.nonfinite_streak,
+                             state.nonfinite_skipped, state.overflow_skipped, args.debug_nan_loss)
     for epoch in range(state.epoch, epochs):
         print_rank_0(f"Beginning of Epoch {epoch + 1}/{epochs}, "
                      f"Total Micro Batches {len(train_loader)}")
@@ -455,13 +457,14 @@ def train_supervised(model, train_loader, args, device, compute_loss, evaluate, 
             if args.print_loss:
                 print(f"Epoch: {epoch + 1}, Step: {step}, Rank: {args.global_rank}, "
                       f"loss = {loss.item()}", flush=True)
-            guard.check(loss.item(), f"epoch {epoch + 1} step {step}")
-            model.backward(loss)
-            model.step()
-            state.batches_in_epoch, state.nonfinite_streak = step + 1, guard.bad
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            guard.begin_update(model.global_steps)
+            loss_value = guard.backward_and_step(model, loss)
+            state.batches_in_epoch = step + 1
+            bar.set_postfix(loss=f"{loss_value:.4f}")
             metrics.log(model.global_steps, epoch=epoch + 1,
-                        **{"Train/loss": loss.item(), "Train/lr": model.get_lr()[0]})
+                        **{"Train/loss": loss_value, "Train/lr": model.get_lr()[0]})
+            if at_optimizer_boundary(model):
+                end_update(guard, state, metrics, model.global_steps, checkpointer)
             if args.print_loss and throughput is not None:
                 print_rank_0(throughput(time.time() - start))
             last_of_epoch = step + 1 == len(train_loader)
