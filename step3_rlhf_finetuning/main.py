@@ -394,7 +394,7 @@ def main():
         if outcome != APPLIED:
             metrics.log(state.global_step, **{"train/nonfinite_skipped": guard.skipped,
                                               "train/overflow_skipped": guard.overflows})
-        state.count_update(outcome == APPLIED, **guard.counters())
+        state.count_update(outcome == APPLIED, **guard.counters(stopping=outcome == STOP))
         if outcome == STOP:
             state.metrics_lines = metrics.lines
             path = checkpointer.save(state.global_step, state.to_dict(), state.last_eval)

@@ -363,12 +363,12 @@ class PolicyTrainer:
         for _ in range(self.rollout.ppo_epochs):
             for i, exp in enumerate(experiences):
                 loss, stats = self.compute_loss(exp)
-                sums["actor_loss"] += self.nonfinite.backward_and_step(self.actor, loss)
+                sums["actor_loss"] += self.nonfinite.backward_and_step(self.actor, loss, "actor")
                 for key, value in stats.items():
                     sums[key] += value
                 if self.algorithm.critic:
                     sums["critic_loss"] += self.nonfinite.backward_and_step(
-                        self.critic, self.compute_value_loss(exp))
+                        self.critic, self.compute_value_loss(exp), "critic")
                 if unsupervised_batches is not None:
                     sums["unsup_loss"] += self.train_unsupervised(unsupervised_batches[i],
                                                                   self.rollout.unsup_coef)
@@ -381,7 +381,7 @@ class PolicyTrainer:
         """DeepSpeed-Chat's pretraining mix: LM loss on a pretraining batch, scaled by unsup_coef,
         accumulated into the same optimizer step (the original raised NotImplementedError)."""
         loss = self.actor(**batch, use_cache=False).loss
-        self.nonfinite.backward_and_step(self.actor, unsup_coef * loss)
+        self.nonfinite.backward_and_step(self.actor, unsup_coef * loss, "pretraining-mix")
         return loss.item()
 
 

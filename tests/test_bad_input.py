@@ -649,3 +649,13 @@ def test_stage3_batches_that_do_not_divide_through_the_launcher(tiny_opt_path, p
     assert_one_error_line(*launch(3, remax(tiny_opt_path, reward, preference_data, out,
                                            "--per_device_training_batch_size", 3)), out,
                           "--per_device_training_batch_size 3 does not divide the 4 experience rows")
+
+
+@pytest.mark.slow
+def test_stage3_too_few_prompts_for_the_generation_batches_through_the_launcher(tiny_opt_path, preference_data,
+                                                                                 tmp_path):
+    reward = tiny_reward_dir(tmp_path / "reward", tiny_opt_path)
+    out = str(tmp_path / "out")
+    assert_one_error_line(*launch(3, remax(tiny_opt_path, reward, preference_data, out,
+                                           "--generation_batches", 1000)), out,
+                          "full prompt batches per rank; --generation_batches 1000 needs more prompts")

@@ -63,3 +63,20 @@ def test_a_dataset_only_node_0_sees_stops_both_nodes_with_one_line(tiny_opt_path
     assert errors[0].startswith(f"error: rank 1 on host {socket.gethostname()}: --data_path {relative}: "), errors[0]
     assert not any(line.startswith("error:") for line in results[1][1].splitlines())
     assert not os.path.exists(cache_dir(out)) or not os.listdir(cache_dir(out))
+
+
+def test_an_output_dir_that_is_not_shared_stops_both_nodes_with_one_line(tiny_opt_path, preference_data,
+                                                                        hostfile, tmp_path):
+    """A relative --output_dir from two working directories: two directories, as on local disks."""
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    node0.mkdir(), node1.mkdir()
+    args = sft_args(tiny_opt_path, preference_data, "out", 2, extra=["--num_train_epochs", 1])
+    results = run_two_nodes(1, args, hostfile, timeout=300, cwds=(str(node0), str(node1)))
+    for node, (returncode, output) in enumerate(results):
+        assert returncode != 0 and "Traceback" not in output, f"node {node}:\n{output[-4000:]}"
+    errors = [line for line in results[0][1].splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, results[0][1][-3000:]
+    assert "--output_dir out is not one directory for all ranks" in errors[0]
+    assert "file system every node shares" in errors[0]
+    for node in (node0, node1):
+        assert not os.path.exists(node / "out" / ".preflight")

@@ -92,6 +92,7 @@ def test_the_streak_stops_the_run_with_one_line_naming_the_checkpoint():
     assert isinstance(error, UserError) and "\n" not in str(error)
     assert "2 updates in a row" in str(error) and "/out/checkpoints/step_7" in str(error)
     assert guard.counters()["nonfinite_skipped"] == 5
+    assert guard.counters(stopping=True)["nonfinite_streak"] == 0    # the resume starts a new streak
 
 
 def test_a_plain_optimizer_does_not_step_in_a_poisoned_window():
@@ -162,14 +163,14 @@ def test_stage1_two_ranks_zero2_stops_after_a_streak_with_a_checkpoint_and_resum
     out = str(tmp_path / "out")
     flags = sft_args(tiny_opt_path, small_data, out, 2, extra=["--num_train_epochs", 1, "--save_steps", 1])
     returncode, output = run_command(stage_command(1, flags + ["--max_nonfinite_updates", 2,
-                                                               "--debug_nan_loss", "1@1,2@1"], 2))
+                                                               "--debug_nan_loss", "2@1,3@1"], 2))
     assert returncode != 0 and "Traceback" not in output, output[-4000:]
     errors = [line for line in output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "non-finite for 2 updates in a row" in errors[0], output[-3000:]
     assert f"{out}/checkpoints/step_3" in errors[0]
-    warnings = [line for line in output.splitlines() if "non-finite loss on 1 rank(s)" in line]
+    warnings = [line for line in output.splitlines() if "non-finite model loss on 1 rank(s)" in line]
     assert len(warnings) == 2, output[-3000:]
-    # updates 1 and 2 (steps 2 and 3) applied nothing on either rank
+    # steps 2 and 3 applied nothing on either rank
     assert_same_weights(checkpoint_weights(out, 1), checkpoint_weights(out, 3))
     log = run_stage(1, flags + ["--resume"], num_gpus=2)
     assert f"continuing from {out}/checkpoints/step_3" in log
@@ -183,9 +184,9 @@ def test_stage1_two_ranks_zero2_stops_after_a_streak_with_a_checkpoint_and_resum
 def test_stage1_zero0_one_skip_leaves_the_weights_and_the_run_goes_on(tiny_opt_path, small_data, tmp_path):
     out = str(tmp_path / "out")
     flags = sft_args(tiny_opt_path, small_data, out, 0,
-                     extra=["--num_train_epochs", 1, "--save_steps", 1, "--debug_nan_loss", "1@0"])
+                     extra=["--num_train_epochs", 1, "--save_steps", 1, "--debug_nan_loss", "2@0"])
     log = run_stage(1, flags, num_gpus=1)
-    assert log.count("non-finite loss on 1 rank(s)") == 1
+    assert log.count("non-finite model loss on 1 rank(s)") == 1
     assert_same_weights(checkpoint_weights(out, 1), checkpoint_weights(out, 2))
     assert_different_weights(checkpoint_weights(out, 2), checkpoint_weights(out, 3))
 
@@ -195,7 +196,7 @@ def test_stage3_two_ranks_zero3_skips_the_update_on_both_ranks(sft_opt, reward_o
     out = str(tmp_path / "out")
     log = run_stage(3, remax_args(sft_opt, reward_opt, preference_data, out, 3, 3, 3, 1,
                                   extra=["--save_steps", 1, "--debug_nan_loss", "1@1"]), num_gpus=2)
-    assert log.count("non-finite loss on 1 rank(s)") == 1
+    assert log.count("non-finite actor loss on 1 rank(s)") == 1
     assert_same_weights(checkpoint_weights(out, 1, "actor"), checkpoint_weights(out, 2, "actor"))
     assert_different_weights(checkpoint_weights(out, 2, "actor"), checkpoint_weights(out, 3, "actor"))
     records = read_metrics(out)

@@ -34,7 +34,8 @@ def add_nonfinite_args(group):
     group.add_argument("--max_nonfinite_updates", type=int, default=3,
                        help="Stop (after saving a checkpoint) when this many updates in a row had "
                             "a non-finite loss on some rank; each one is skipped on every rank.")
-    # Tests: "UPDATE@RANK,..." makes that rank's loss NaN in that update (0-based update number).
+    # Tests: "UPDATE@RANK,..." makes that rank's loss NaN in that update (the number the loop logs:
+    # stages 1-2 the optimizer step the update makes, from 1; stage 3 the update index, from 0).
     group.add_argument("--debug_nan_loss", type=str, default="", help=argparse.SUPPRESS)
     return group
 
@@ -57,6 +58,7 @@ class NonFiniteStop(UserError):
 
 @dataclass
 class _Window:
+    name: str
     poisoned: bool = False
     bad_ranks: int = 0
 
@@ -84,11 +86,12 @@ class NonFiniteUpdates:
         bad_ranks = int(all_reduce_sum([0.0 if math.isfinite(loss.item()) else 1.0])[0])
         return (loss * float("nan") if bad_ranks else loss), bad_ranks
 
-    def backward_and_step(self, engine, loss):
+    def backward_and_step(self, engine, loss, name="model"):
         """`engine.backward(loss); engine.step()`, skipping the optimizer step of an accumulation
-        window in which any rank's loss was non-finite. Returns the loss value (NaN when bad)."""
+        window in which any rank's loss was non-finite. `name` (actor, critic) is for the log.
+        Returns the loss value (NaN when bad)."""
         loss, bad_ranks = self.agree(loss)
-        window = self._windows.setdefault(id(engine), _Window())
+        window = self._windows.setdefault(id(engine), _Window(name))
         if bad_ranks:
             window.poisoned, window.bad_ranks = True, max(window.bad_ranks, bad_ranks)
         boundary = engine.is_gradient_accumulation_boundary()
@@ -109,8 +112,8 @@ class NonFiniteUpdates:
             if applied:
                 raise RuntimeError(f"update {self.update}: DeepSpeed applied an optimizer step whose "
                                    "gradients are non-finite (this configuration does not check them)")
-            print_rank_0(f"[warning] update {self.update}: non-finite loss on {window.bad_ranks} "
-                         "rank(s); the optimizer step is skipped on every rank")
+            print_rank_0(f"[warning] update {self.update}: non-finite {window.name} loss on "
+                         f"{window.bad_ranks} rank(s); its optimizer step is skipped on every rank")
             self._outcome.add(SKIPPED)
         elif not applied:
             self._outcome.add(OVERFLOW)   # DeepSpeed printed its own line with the new loss scale
@@ -118,8 +121,9 @@ class NonFiniteUpdates:
             self._outcome.add(APPLIED)
 
     def end_update(self):
-        """After the update's last step, on every rank alike: APPLIED, SKIPPED (some step was
-        skipped for a non-finite loss), OVERFLOW (fp16) or STOP (`patience` skipped in a row)."""
+        """After the update's last step, on every rank alike: APPLIED, SKIPPED (a step of it, the
+        actor's or the critic's, was skipped for a non-finite loss), OVERFLOW (fp16) or STOP
+        (`patience` skipped in a row)."""
         if SKIPPED in self._outcome:
             self.skipped += 1
             self.streak += 1
@@ -136,8 +140,10 @@ class NonFiniteUpdates:
                              f"{checkpoint_note}; lower the learning rate, or use --bf16 instead "
                              "of fp16, and continue with --resume")
 
-    def counters(self):
-        return {"nonfinite_streak": self.streak, "nonfinite_skipped": self.skipped,
+    def counters(self, stopping=False):
+        """The counts a checkpoint keeps; `stopping`: for the checkpoint of a STOP, whose resume
+        starts a new streak (the user changed something)."""
+        return {"nonfinite_streak": 0 if stopping else self.streak, "nonfinite_skipped": self.skipped,
                 "overflow_skipped": self.overflows}
 
 

@@ -17,10 +17,11 @@ node-local: each node's local rank 0 builds the cache it reads.
 """
 import os
 import socket
+import time
 
 import torch
 
-from utils.errors import UserError
+from utils.errors import UserError, one_line
 from utils.utils import init_distributed
 
 PROBES = ".preflight"
@@ -32,6 +33,8 @@ def problem_of(check):
         check()
     except UserError as err:
         return str(err)
+    except (OSError, ValueError) as err:   # e.g. an unreadable file: one rank must not fail alone
+        return f"{type(err).__name__}: {one_line(err)}"
     return None
 
 
@@ -54,15 +57,36 @@ def _gather(value, world_size):
 
 def _writable(path, flag):
     """None, or the problem of creating a file in `path` (created when missing)."""
+    probe = os.path.join(path, f".write-probe-{socket.gethostname()}-{os.getpid()}")
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write-probe-{socket.gethostname()}-{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
-        os.remove(probe)
     except OSError as err:
         return f"{flag} {path}: cannot write there ({err.strerror or err})"
+    finally:
+        _remove(probe)
     return None
+
+
+def _remove(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _unseen(output_dir, reports, attempts=5):
+    """The reports (of ranks without a problem) whose probe this rank cannot see; looked for a few
+    times, since a network file system may cache a directory's listing for a moment."""
+    unseen = []
+    for attempt in range(attempts):
+        listed = set(os.listdir(os.path.join(output_dir, PROBES)))
+        unseen = [r for r in reports if r["problem"] is None and _probe_name(r["host"], r["rank"]) not in listed]
+        if not unseen:
+            break
+        time.sleep(0.2 * (attempt + 1))
+    return unseen
 
 
 def _probe_name(host, rank):
@@ -85,11 +109,10 @@ def preflight(args, input_problem, rank, world_size):
             os.makedirs(os.path.dirname(probe), exist_ok=True)
             open(probe, "w").close()
         except OSError as err:
-            problem, probe = f"--output_dir {args.output_dir}: cannot write there ({err})", None
+            problem, probe = f"--output_dir {args.output_dir}: cannot write there ({err.strerror or err})", None
     reports = _gather({"rank": rank, "host": host, "problem": problem}, world_size)
     if getattr(args, "output_dir", None):   # the same on every rank: so are the collectives below
-        unseen = [r for r in reports if r["problem"] is None and not os.path.exists(
-            os.path.join(args.output_dir, PROBES, _probe_name(r["host"], r["rank"])))]
+        unseen = _unseen(args.output_dir, reports) if probe is not None else []
         if unseen and problem is None:
             other = unseen[0]
             problem = (f"--output_dir {args.output_dir} is not one directory for all ranks: this rank "
@@ -97,21 +120,22 @@ def preflight(args, input_problem, rank, world_size):
                        "checkpoints need a directory on a file system every node shares")
         shared = _gather({"rank": rank, "host": host, "problem": problem}, world_size)
         if probe is not None:
-            os.remove(probe)
-        _remove_probe_dir(args.output_dir, rank, world_size)
+            _remove(probe)
+        _remove_probe_dir(args.output_dir, world_size)
         reports = [r if r["problem"] else s for r, s in zip(reports, shared)]
     failing = [r for r in reports if r["problem"]]
     if failing:
         raise UserError(_summary(failing, world_size))
 
 
-def _remove_probe_dir(output_dir, rank, world_size):
-    _gather(None, world_size)     # every rank removed its probe
-    if rank == 0:
-        try:
-            os.rmdir(os.path.join(output_dir, PROBES))
-        except OSError:
-            pass                  # another node's probe on a file system we do not share
+def _remove_probe_dir(output_dir, world_size):
+    """After every rank removed its probe: each rank removes the directory it sees (on an output
+    directory that is not shared, each node has its own)."""
+    _gather(None, world_size)
+    try:
+        os.rmdir(os.path.join(output_dir, PROBES))
+    except OSError:
+        pass                      # removed by another rank already
 
 
 def _summary(failing, world_size):

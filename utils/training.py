@@ -272,7 +272,7 @@ def end_update(guard, state, metrics, step, checkpointer):
     """After an optimizer step, on every rank: count a skipped one; after too many non-finite
     updates in a row, save a checkpoint and raise the one-line error (every rank together)."""
     outcome = guard.end_update()
-    counters = guard.counters()
+    counters = guard.counters(stopping=outcome == STOP)
     state.nonfinite_streak, state.nonfinite_skipped, state.overflow_skipped = (
         counters["nonfinite_streak"], counters["nonfinite_skipped"], counters["overflow_skipped"])
     if outcome != APPLIED:
@@ -282,6 +282,7 @@ def end_update(guard, state, metrics, step, checkpointer):
         state.step, state.metrics_lines = step, metrics.lines
         path = checkpointer.save(step, state.to_dict(), state.last_eval)
         checkpointer.close()
+        metrics.close()
         raise guard.stop_error(f"checkpoint {path}")
 
 
@@ -457,7 +458,7 @@ def train_supervised(model, train_loader, args, device, compute_loss, evaluate, 
             if args.print_loss:
                 print(f"Epoch: {epoch + 1}, Step: {step}, Rank: {args.global_rank}, "
                       f"loss = {loss.item()}", flush=True)
-            guard.begin_update(model.global_steps)
+            guard.begin_update(model.global_steps + 1)   # the step number it logs and saves as
             loss_value = guard.backward_and_step(model, loss)
             state.batches_in_epoch = step + 1
             bar.set_postfix(loss=f"{loss_value:.4f}")
