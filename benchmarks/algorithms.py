@@ -23,7 +23,7 @@ from benchmarks.models import ModelSize, build_data, build_models, parameter_cou
 from benchmarks.results import footer_lines, update_results
 from benchmarks.stage3_run import (STAGE3_MAIN, Shape, log_tail, ran_out_of_memory, run_process,
                                    stage3_args)
-from benchmarks.variants import REFERENCE, VARIANTS, variant_flags
+from benchmarks.variants import ALGORITHM_ROWS, REFERENCE, VARIANTS, variant_flags
 from utils.training import read_metrics
 
 DEFAULT_OUT = os.path.join("benchmarks", "output", "algorithms")
@@ -43,7 +43,8 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=None,
                         help=f"Updates per run (default {Shape.steps}, 2 with --quick); the first "
                              "is a warm-up and not measured.")
-    parser.add_argument("--algos", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--algos", nargs="+", default=list(ALGORITHM_ROWS),
+                        choices=list(VARIANTS))
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("--zero_stage", type=int, default=Shape.trained_zero_stage,
@@ -85,11 +86,12 @@ def model_size(opts):
 class Bench:
     """The shared models and data, and one measured run of a row."""
 
-    def __init__(self, opts, size, shape):
+    def __init__(self, opts, size, shape, data=None):
+        """`data`: (cache dir -> data dir) of the prompts, default build_data's ~30-token ones."""
         self.opts, self.size, self.shape = opts, size, shape
         self.cache = os.path.join(os.path.dirname(os.path.abspath(opts.out)), "cache")
         self.actor, self.reward = build_models(self.cache, size)
-        self.data = build_data(self.cache)
+        self.data = (data or build_data)(self.cache)
         os.makedirs(opts.out, exist_ok=True)
         self.runs_dir = os.path.join(opts.out, "runs")
         shutil.rmtree(self.runs_dir, ignore_errors=True)
@@ -106,8 +108,12 @@ class Bench:
         drop_checkpoints(out)
         if result.returncode != 0:
             return None, result
+        records = read_metrics(out)
         peak = result.peak_rss_mib if self.opts.device == "cpu" else result.peak_gpu_mib
-        summary = table.run_summary(read_metrics(out), peak)
+        if self.opts.device == "cpu":  # the per-phase peaks reset the kernel's; the run logs its own
+            peak = max([peak] + [r["train/process_peak_mib"] for r in records
+                                 if table.is_finite(r.get("train/process_peak_mib"))])
+        summary = table.run_summary(records, peak)
         summary["wall_seconds"] = result.wall_seconds
         summary["cores_used"] = result.cpu_seconds / max(result.wall_seconds, 1e-9)
         return summary, result
@@ -136,21 +142,24 @@ def warm_up(opts, bench):
     return result.peak_rss_mib
 
 
-def measure(opts, bench):
-    """Alternating runs -> ({name: [run summaries]}, {name: failure message})."""
+def measure(opts, bench, tag=""):
+    """Alternating runs of the rows `opts.algos` -> ({name: [run summaries]}, {name: failure
+    message}); `tag` prefixes the progress lines."""
     runs, failures = {name: [] for name in opts.algos}, {}
     order = table.alternating_order(opts.algos, opts.repeats)
     for index, (repeat, name) in enumerate(order):
         if name in failures:
             continue
-        print(f"[{index + 1}/{len(order)}] {name} (run {repeat + 1}/{opts.repeats})", flush=True)
+        print(f"[{tag}{index + 1}/{len(order)}] {name} (run {repeat + 1}/{opts.repeats})",
+              flush=True)
         summary, result = bench.run(f"{repeat}-{name}", name)
         if summary is None:
             failures[name] = f"exit {result.returncode}, log {result.log_path}"
             print(f"  FAILED ({failures[name]}):\n{log_tail(result.log_path, 1500)}", flush=True)
             continue
         runs[name].append(summary)
-        print(f"  e2e {table.format_number(summary['e2e_s'])} s/update, peak "
+        print(f"  e2e {table.format_number(summary['e2e_s'])} s/update, generation "
+              f"{table.format_number(summary['generation_s'])} s, peak "
               f"{table.format_number(summary[table.MEMORY_COLUMN])} MiB, run "
               f"{summary['wall_seconds']:.0f} s", flush=True)
     return runs, failures
@@ -229,7 +238,7 @@ def write_report(opts, markdown, report):
     with open(os.path.join(opts.out, "algorithms.json"), "w") as f:
         json.dump(table.json_safe(report), f, indent=2)
     print("\n" + markdown)
-    if not opts.quick and not opts.no_results and set(opts.algos) == set(VARIANTS):
+    if not opts.quick and not opts.no_results and set(opts.algos) == set(ALGORITHM_ROWS):
         print(f"updated {update_results(f'algorithms-{opts.device}', markdown)}")
     print(f"wrote {os.path.join(opts.out, 'algorithms.md')} and algorithms.json")
 

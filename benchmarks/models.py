@@ -75,6 +75,42 @@ def build_data(cache_dir, num_train=2000, num_test=400, questions_per_prompt=3):
     return data_dir
 
 
+# Prompt lengths in tokens and their shares: hh-rlhf's skew (most prompts short, a few long).
+VARIED_PROMPT_LENGTHS = ((16, 0.40), (32, 0.25), (64, 0.20), (128, 0.10), (256, 0.05))
+
+
+def build_varied_data(cache_dir, tokenizer_dir, num_train=2000, num_test=400):
+    """The synthetic preference rows with prompts of VARIED_PROMPT_LENGTHS tokens (BOS included,
+    by the tokenizer in `tokenizer_dir`), drawn row by row in those shares; cached."""
+    data_dir = os.path.join(cache_dir, "data", "varied", "Dahoas", "rm-static")
+    if not os.path.exists(os.path.join(data_dir, "data", "test-00000-of-00001.parquet")):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        rng = random.Random(0)
+        lengths, shares = zip(*VARIED_PROMPT_LENGTHS)
+        train, test = (synthetic.make_rows(n, seed) for n, seed in ((num_train, 0), (num_test, 1)))
+        for row in train + test:
+            row["prompt"] = prompt_of_length(rng, tokenizer, rng.choices(lengths, shares)[0])
+        synthetic.write_hub_layout(os.path.dirname(os.path.dirname(data_dir)), "Dahoas/rm-static",
+                                   train, test)
+    return data_dir
+
+
+def prompt_of_length(rng, tokenizer, tokens):
+    """A prompt of questions ("Human: Explain the frog? ...") with at most `tokens` tokens, as long
+    as whole words allow (within a few tokens of it)."""
+    words, text = [], long_prompt(rng, 0)
+    while True:
+        question = long_prompt(rng, 1).split("Human: ", 1)[1].split("\n")[0].split()
+        for word in question:
+            candidate = f"\n\nHuman: {' '.join(words + [word])}\n\nAssistant:"
+            if len(tokenizer(candidate)["input_ids"]) > tokens:
+                return text
+            words.append(word)
+            text = candidate
+
+
 def long_prompt(rng, questions):
     """The demo's questions, several in a row: "Human: Explain the frog? Describe the sun? ..."."""
     asked = " ".join(f"{rng.choice(synthetic.QUESTION_STARTS)} the {rng.choice(synthetic.TOPICS)}?"

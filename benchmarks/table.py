@@ -12,11 +12,19 @@ STEP_COLUMNS = (("generation_s", "train/generation_seconds"),
                 ("e2e_s", "train/e2e_seconds"),
                 ("answer_tokens_per_s", "train/answer_tokens_per_second"))
 MEMORY_COLUMN = "peak_memory_mib"
+# (column, metrics.jsonl key): the peak memory of one phase of an update, the largest over the
+# measured updates (stage 3 logs them; on the CPU the resident set, see utils/perf.py).
+PHASE_MEMORY_COLUMNS = (("experience_peak_mib", "train/experience_peak_mib"),
+                        ("experience_rise_mib", "train/experience_rise_mib"),
+                        ("training_peak_mib", "train/training_peak_mib"),
+                        ("training_rise_mib", "train/training_rise_mib"))
 RATIO_COLUMNS = (("e2e_vs_ppo", "e2e_s"), ("memory_vs_ppo", MEMORY_COLUMN))
 HEADERS = {"algo": "algo", "generation_s": "generation s", "experience_s": "experience s",
            "training_s": "training s", "e2e_s": "e2e s", "answer_tokens_per_s": "answer tokens/s",
            MEMORY_COLUMN: "peak memory MiB", "max_batch": "max batch / device",
-           "e2e_vs_ppo": "e2e / PPO", "memory_vs_ppo": "memory / PPO"}
+           "e2e_vs_ppo": "e2e / PPO", "memory_vs_ppo": "memory / PPO",
+           "experience_peak_mib": "experience peak MiB", "training_peak_mib": "training peak MiB",
+           "experience_rise_mib": "experience rise MiB", "training_rise_mib": "training rise MiB"}
 STEP_KEY = "train/e2e_seconds"  # every update's record holds it
 
 
@@ -43,17 +51,25 @@ def median_after_warmup(records, key, warmup=1):
     return median(r.get(key, NAN) for r in step_records(records)[warmup:])
 
 
+def max_after_warmup(records, key, warmup=1):
+    """Largest finite `key` over the updates after the first `warmup` ones (NaN if none)."""
+    values = [r.get(key, NAN) for r in step_records(records)[warmup:]]
+    return max((v for v in values if is_finite(v)), default=NAN)
+
+
 def run_summary(records, peak_memory_mib, warmup=1):
     """One run's row: the median of every step column after the warm-up, and its peak memory."""
     summary = {column: median_after_warmup(records, key, warmup) for column, key in STEP_COLUMNS}
     summary[MEMORY_COLUMN] = peak_memory_mib
+    for column, key in PHASE_MEMORY_COLUMNS:
+        summary[column] = max_after_warmup(records, key, warmup)
     summary["measured_steps"] = max(0, len(step_records(records)) - warmup)
     return summary
 
 
 def combine_runs(summaries):
     """An algorithm's row: the median over its runs of every column."""
-    columns = [c for c, _ in STEP_COLUMNS] + [MEMORY_COLUMN]
+    columns = [c for c, _ in STEP_COLUMNS] + [MEMORY_COLUMN] + [c for c, _ in PHASE_MEMORY_COLUMNS]
     row = {c: median(s.get(c, NAN) for s in summaries) for c in columns}
     row["measured_steps"] = sum(s.get("measured_steps", 0) for s in summaries)
     return row

@@ -26,7 +26,7 @@ from utils.data.data_utils import (DataCollatorRLHF, create_prompt_dataset,  # n
 from utils.errors import UserError, run_main  # noqa: E402
 from utils.model.model_utils import (load_hf_tokenizer, save_hf_format,  # noqa: E402
                                      save_reward_model, unwrap)
-from utils.nonfinite import APPLIED, STOP, NonFiniteUpdates  # noqa: E402
+from utils.nonfinite import NonFiniteUpdates, settle_update  # noqa: E402
 from utils.training import MetricsLog, interval, make_loader, record_run  # noqa: E402
 from utils.preflight import start_checked  # noqa: E402
 from utils.utils import print_rank_0, set_random_seed  # noqa: E402
@@ -82,6 +82,18 @@ def parse_args(argv=None):
     group.add_argument("--separate_scoring_forward", action="store_true",
                        help="Score the policy in its own no-grad forward instead of inside the "
                             "update forward (that needs --ppo_epochs 1 and --disable_actor_dropout).")
+    group.add_argument("--unchunked_logits", action="store_true",
+                       help="Compute actor and reference logits over all answer positions at once "
+                            "([batch, answer, vocabulary], kept for the backward) instead of "
+                            "--logit_chunk_tokens tokens at a time, recomputed in the backward.")
+    group.add_argument("--logit_chunk_tokens", type=int, default=1024,
+                       help="Answer tokens (rows x positions) per chunk of the LM head and the "
+                            "log-prob / entropy / KL computation (default 1024); with grad and "
+                            "more than one chunk, each is recomputed in the backward.")
+    group.add_argument("--hf_sampling", action="store_true",
+                       help="Sample with Hugging Face's top-k / top-p warpers over the whole "
+                            "vocabulary instead of over the top-k candidates only (the same "
+                            "distribution).")
     group.add_argument("--pad_prompts_to_max_len", action="store_true",
                        help="Keep every prompt batch padded to --max_prompt_seq_len (default: to "
                             "the batch's longest prompt).")
@@ -170,7 +182,7 @@ def check_args(parser, args):
         args.critic_model_name_or_path = args.reward_model_name_or_path
     for flag in ("ppo_epochs", "generation_batches", "per_device_generation_batch_size",
                  "per_device_training_batch_size", "per_device_eval_batch_size",
-                 "max_answer_seq_len"):
+                 "max_answer_seq_len", "logit_chunk_tokens"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.gradient_accumulation_steps != 1:
@@ -255,7 +267,10 @@ def rollout_settings(args, world_size, hybrid_engine):
                            one_generation_pass=one_pass,
                            one_reward_pass=not args.separate_baseline_scoring,
                            trim_prompt_padding=not args.pad_prompts_to_max_len,
-                           one_actor_forward=one_actor_forward(args))
+                           one_actor_forward=one_actor_forward(args),
+                           logit_chunk_tokens=(None if args.unchunked_logits
+                                               else args.logit_chunk_tokens),
+                           fused_sampling=not args.hf_sampling)
 
 
 def one_actor_forward(args):
@@ -272,6 +287,14 @@ def one_actor_forward(args):
     if reasons:
         print_rank_0(f"[scoring] a separate no-grad forward scores the policy: {'; '.join(reasons)}")
     return not reasons
+
+
+def save_checkpoint(checkpointer, state, metrics):
+    """Save the loop's checkpoint now (a non-finite streak's stop) and close; returns its path."""
+    state.metrics_lines = metrics.lines
+    path = checkpointer.save(state.global_step, state.to_dict(), state.last_eval)
+    checkpointer.close()
+    return path
 
 
 def save_models(engine, tokenizer, args):
@@ -390,17 +413,10 @@ def main():
         means, seconds = run_update(trainer, prompt_batches, unsup_batches, args, state, device,
                                     world_size)
         log_step(means, seconds, state)
-        outcome = guard.end_update()   # the same on every rank: decided on all-reduced values
-        if outcome != APPLIED:
-            metrics.log(state.global_step, **{"train/nonfinite_skipped": guard.skipped,
-                                              "train/overflow_skipped": guard.overflows})
-        state.count_update(outcome == APPLIED, **guard.counters(stopping=outcome == STOP))
-        if outcome == STOP:
-            state.metrics_lines = metrics.lines
-            path = checkpointer.save(state.global_step, state.to_dict(), state.last_eval)
-            checkpointer.close()
-            metrics.close()
-            raise guard.stop_error(f"checkpoint {path}")
+        # The same on every rank (decided on all-reduced values); a streak saves and stops.
+        settle_update(guard, state.global_step, metrics, "train",
+                      lambda applied, counters: state.count_update(applied, **counters),
+                      lambda: save_checkpoint(checkpointer, state, metrics))
         if evaluation_due(state, eval_every):
             evaluate_and_save_best(trainer, engine, tokenizer, eval_loader, ppl_loader, args,
                                    state, metrics, device)

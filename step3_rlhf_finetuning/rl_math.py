@@ -8,6 +8,7 @@ action seq[:, j+1] predicted at position j, so the answer's actions start at col
 Nothing here knows about DeepSpeed, ranks or files.
 """
 import torch
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "gather_log_probs",
@@ -16,6 +17,7 @@ __all__ = [
     "action_mask_from_sequences",
     "fix_degenerate_answers",
     "entropy_and_full_kl_from_logits",
+    "chunked_answer_scores",
     "masked_mean",
     "masked_mean_from",
     "masked_max_from",
@@ -103,13 +105,83 @@ def entropy_and_full_kl_from_logits(actor_logits, ref_logits, chunk_size=None):
     entropies, kls = [], []
     step = chunk_size or actor_logits.size(1)
     for begin in range(0, actor_logits.size(1), step):
-        logp = torch.log_softmax(actor_logits[:, begin:begin + step].float(), dim=-1)
-        logq = torch.log_softmax(ref_logits[:, begin:begin + step].float(), dim=-1)
-        p = logp.exp()
-        # p == 0 terms are 0 (avoids 0 · -inf = NaN when a logit is -inf).
-        entropies.append(-torch.where(p > 0, p * logp, 0.0).sum(dim=-1))
-        kls.append(torch.where(p > 0, p * (logp - logq), 0.0).sum(dim=-1))
+        entropy, kl = _entropy_and_kl(torch.log_softmax(actor_logits[:, begin:begin + step].float(), -1),
+                                      torch.log_softmax(ref_logits[:, begin:begin + step].float(), -1))
+        entropies.append(entropy)
+        kls.append(kl)
     return torch.cat(entropies, dim=1), torch.cat(kls, dim=1)
+
+
+@torch.no_grad()
+def _entropy_and_kl(logp, logq):
+    """(-Σ p log p, Σ p (log p - log q)) over the last dim of log-probs [..., V] -> [...] each."""
+    p = logp.exp()
+    # p == 0 terms are 0 (avoids 0 · -inf = NaN when a logit is -inf).
+    return (-torch.where(p > 0, p * logp, 0.0).sum(dim=-1),
+            torch.where(p > 0, p * (logp - logq), 0.0).sum(dim=-1))
+
+
+def chunked_answer_scores(actor_hidden, actor_head, labels, num_chunks, ref_hidden=None,
+                          ref_head=None):
+    """Log-probs of the answer tokens (and, given the reference, its log-probs and the entropy /
+    full-KL metrics) from the LM-head inputs, in `num_chunks` chunks of positions, so no
+    [B, N, V] logits tensor outlives one chunk.
+
+    actor_hidden, ref_hidden: [B, N, H], the LM-head inputs at positions P-1 … L-1 (N = T + 1);
+    actor_head, ref_head: callables [B, n, H] -> [B, n, V] logits (the models' LM heads);
+    labels: [B, T] the answer tokens (long). Returns a dict of float32 tensors:
+        logprobs [B, T] = log π(label) = logit[label] - logsumexp(logits),
+        with a reference also ref_logprobs [B, T], entropy [B, N], full_kl [B, N] (no grad),
+    equal to gather_log_probs and entropy_and_full_kl_from_logits over the full logits.
+    Each head runs exactly `num_chunks` times on chunks of ceil(N / num_chunks) positions (the
+    positions are padded when N is smaller), so ranks that agree on num_chunks run the same
+    number of head forwards whatever their N (ZeRO-3 gathers the head's weight at each).
+    With grad and several chunks, each actor chunk runs under activation checkpointing: its
+    logits are recomputed in the backward instead of kept (one more head product per chunk), so
+    memory grows with B · N, not B · N · V; the gradients reach actor_hidden and the head's
+    weights as from the unchunked computation.
+    """
+    positions = actor_hidden.size(1)
+    size = -(-positions // num_chunks)
+    extra = size * num_chunks - positions
+    pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, extra))  # noqa: E731  [B, N, H] positions
+    actor_hidden = pad(actor_hidden)
+    labels = torch.nn.functional.pad(labels, (0, extra + positions - labels.size(1)))  # N-1: none
+    # One chunk is the full logits anyway: keep them rather than recompute them.
+    recompute = torch.is_grad_enabled() and actor_hidden.requires_grad and num_chunks > 1
+    parts = {"logprobs": [], **({"ref_logprobs": [], "entropy": [], "full_kl": []}
+                                if ref_hidden is not None else {})}
+    if ref_hidden is not None:
+        ref_hidden = pad(ref_hidden)
+    for begin in range(0, size * num_chunks, size):
+        span = slice(begin, begin + size)
+        chunk_labels = labels[:, span].unsqueeze(-1)
+        logq = None
+        if ref_hidden is not None:
+            with torch.no_grad():
+                logq = torch.log_softmax(ref_head(ref_hidden[:, span]).float(), dim=-1)
+            parts["ref_logprobs"].append(logq.gather(-1, chunk_labels).squeeze(-1))
+        pending = [logq]   # the metrics: on the first call, not in the backward's recomputation
+
+        def chunk_logprobs(hidden, chunk_labels, pending=pending):
+            logits = actor_head(hidden).float()
+            log_norm = torch.logsumexp(logits, dim=-1)
+            if pending and pending[0] is not None:
+                entropy, kl = _entropy_and_kl(logits.detach() - log_norm.detach().unsqueeze(-1),
+                                              pending.pop())
+                parts["entropy"].append(entropy)
+                parts["full_kl"].append(kl)
+            return logits.gather(-1, chunk_labels).squeeze(-1) - log_norm
+
+        hidden = actor_hidden[:, span]
+        parts["logprobs"].append(checkpoint(chunk_logprobs, hidden, chunk_labels, use_reentrant=False)
+                                 if recompute else chunk_logprobs(hidden, chunk_labels))
+        del logq, pending
+    scores = {key: torch.cat(values, dim=1)[:, :positions] for key, values in parts.items()}
+    for key in ("logprobs", "ref_logprobs"):
+        if key in scores:
+            scores[key] = scores[key][:, :positions - 1]
+    return scores
 
 
 def masked_mean_from(values, mask, start):

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from utils.data.data_utils import MiniDataset
-from utils.perf import calculate_flops, training_passes
+from utils.perf import (calculate_flops, current_memory_mib, peak_memory_mib, process_peak_mib,
+                        reset_peak_memory, training_passes)
 from utils.checkpoint import restore_rng
 from utils.training import progress, set_loader_epoch
 from utils.utils import all_reduce_sum, get_rank, print_rank_0, to_device
@@ -101,17 +102,28 @@ def collect_experience(trainer, prompt_batches, unsup_batches, train_batch_size,
 
 def run_update(trainer, prompt_batches, unsup_batches, args, state, device, world_size):
     """One round: experience of its prompt batches, then the update. Returns (metric means over
-    ranks, seconds: generation, experience, training and e2e = the round's wall time)."""
+    ranks, seconds: generation, experience, training and e2e = the round's wall time). The means
+    include the peak memory (MiB) of the experience and of the training phase, and each one's rise
+    above the memory in use when it began (what the phase itself allocated)."""
     round_start = time.time()
+    reset_peak_memory()
+    before = current_memory_mib()
     experiences, unsup, stats, seconds = collect_experience(
         trainer, prompt_batches, unsup_batches, args.per_device_training_batch_size, device,
         state.global_step, args.print_answers and state.global_step % 20 == 0)
+    stats["experience_peak_mib"] = peak_memory_mib()
+    stats["experience_rise_mib"] = stats["experience_peak_mib"] - before
+    reset_peak_memory()
+    before = current_memory_mib()
     train_start = time.time()
     train_means = trainer.train_step(experiences, unsup)
     if args.dump_first_experience and state.global_step == 0:
         dump_experience(experiences, args.output_dir)
     del experiences, unsup  # nothing of this round outlives its update
     seconds.update(training=time.time() - train_start, e2e=time.time() - round_start)
+    train_means["training_peak_mib"] = peak_memory_mib()
+    train_means["training_rise_mib"] = train_means["training_peak_mib"] - before
+    train_means["process_peak_mib"] = process_peak_mib()
     return reduce_means({**stats, **train_means}, world_size), seconds
 
 

@@ -5,6 +5,7 @@ how many answers a prompt gets and whether a greedy one is decoded, the advantag
 policy loss and whether a critic is trained. This file is the DeepSpeed plumbing around them.
 """
 import inspect
+import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -13,14 +14,14 @@ import torch
 from transformers import LogitsProcessor
 
 from algorithms import Advantages, AnswerBatch, clipped_value_loss
-from rl_math import (action_mask_from_sequences, answer_lengths, entropy_and_full_kl_from_logits,
-                     fix_degenerate_answers, gather_log_probs, masked_mean, trim_left_padding,
-                     truncated_rate)
+from rl_math import (action_mask_from_sequences, answer_lengths, chunked_answer_scores,
+                     entropy_and_full_kl_from_logits, fix_degenerate_answers, gather_log_probs,
+                     masked_mean, trim_left_padding, truncated_rate)
 from rlhf_engine import moving_average
-from utils.model.model_utils import unwrap
+from utils.model.model_utils import lm_head_inputs, unwrap
 from utils.model.reward_model import answer_end_index
 from utils.nonfinite import NonFiniteUpdates
-from utils.utils import get_rank
+from utils.utils import all_reduce_max, get_rank
 
 # The original's sampling settings (HF defaults filled in explicitly: top_k 50 was active too).
 TOP_P, TOP_K, TEMPERATURE = 0.9, 50, 1.0
@@ -40,6 +41,12 @@ class RolloutSettings:
     # Policy scoring inside the update forward: the KL penalty's log-probs are the detached values
     # of the forward the loss backpropagates through (valid with one pass and no actor dropout).
     one_actor_forward: bool = False
+    # LM head and log-probs / entropy / KL over this many answer tokens (rows x positions) at a
+    # time, recomputed in the backward; None: full [B, T+1, V] logits at once.
+    logit_chunk_tokens: int | None = 1024
+    # Top-k then top-p sampling over the top-k candidates only (TopKTopPSampler), instead of HF's
+    # warpers, which sort and mask the whole vocabulary at every step.
+    fused_sampling: bool = True
 
 
 class ArgmaxRows(LogitsProcessor):
@@ -54,6 +61,33 @@ class ArgmaxRows(LogitsProcessor):
         best = scores.argmax(dim=-1, keepdim=True)
         only_best = torch.full_like(scores, float("-inf")).scatter(1, best, scores.gather(1, best))
         return torch.where(self.rows.to(scores.device).unsqueeze(1), only_best, scores)
+
+
+class TopKTopPSampler(LogitsProcessor):
+    """Draws each row's next token from the top-k then top-p distribution of HF's warpers (the
+    `top_k` largest logits, then the fewest of those whose probability reaches `top_p`, at least
+    one; temperature first), working on the k candidates only rather than sorting and masking the
+    whole vocabulary; rows in `greedy_rows` ([B] bool) take the arg-max. Returns scores in which
+    only the chosen token is finite: used with do_sample=False, HF's greedy step then emits it."""
+
+    def __init__(self, top_k, top_p, temperature=1.0, greedy_rows=None):
+        self.top_k, self.top_p, self.temperature = top_k, top_p, temperature
+        self.greedy_rows = greedy_rows
+
+    def candidates(self, scores):
+        """(token ids [B, k], probabilities [B, k] float32, zero outside the top-p set)."""
+        values, tokens = (scores.float() / self.temperature).topk(min(self.top_k, scores.size(-1)))
+        probs = values.softmax(dim=-1)                     # descending, as topk returns them
+        before = probs.cumsum(dim=-1) - probs              # probability of the likelier tokens
+        return tokens, probs.masked_fill(before >= self.top_p, 0.0)
+
+    def __call__(self, input_ids, scores):
+        tokens, probs = self.candidates(scores)
+        chosen = tokens.gather(1, torch.multinomial(probs, 1))
+        if self.greedy_rows is not None:
+            chosen = torch.where(self.greedy_rows.to(scores.device).unsqueeze(1),
+                                 scores.argmax(dim=-1, keepdim=True), chosen)
+        return torch.full_like(scores, float("-inf")).scatter_(1, chosen, 0.0)
 
 
 class PolicyTrainer:
@@ -90,10 +124,16 @@ class PolicyTrainer:
         tokens, finished rows filled with pad = eos). `greedy_rows` ([B] bool): rows decoded
         greedily inside a sampled call. With a ZeRO-3 actor on several ranks every rank runs the
         same number of forwards (synced_gpus), so differing lengths never hang."""
-        sampling = dict(do_sample=True, top_p=TOP_P, top_k=TOP_K, temperature=TEMPERATURE) \
-            if do_sample else dict(do_sample=False, top_p=None, top_k=None, temperature=None)
-        if greedy_rows is not None:
-            sampling["logits_processor"] = [ArgmaxRows(greedy_rows)]
+        greedy = dict(do_sample=False, top_p=None, top_k=None, temperature=None)
+        if not do_sample:
+            sampling = greedy
+        elif self.rollout.fused_sampling:
+            sampling = dict(greedy, logits_processor=[
+                TopKTopPSampler(TOP_K, TOP_P, TEMPERATURE, greedy_rows)])
+        else:
+            sampling = dict(do_sample=True, top_p=TOP_P, top_k=TOP_K, temperature=TEMPERATURE)
+            if greedy_rows is not None:
+                sampling["logits_processor"] = [ArgmaxRows(greedy_rows)]
         with torch.no_grad():
             return unwrap(self.actor).generate(
                 input_ids=prompts, attention_mask=prompt_mask,
@@ -275,31 +315,64 @@ class PolicyTrainer:
     def _score_policy(self, seq, mask, prompt_len):
         """Actor and reference log-probs of the answer actions, and the entropy / KL metrics.
         Returns (experience tensors, stats)."""
-        actor_logits = self._answer_logits(self.actor, seq, mask, prompt_len)      # [B, T+1, V]
-        ref_logits = self._answer_logits(self.ref, seq, mask, prompt_len)
         exp = {"input_ids": seq, "attention_mask": mask, "action_mask": mask[:, prompt_len:]}
-        logprobs, stats = self._policy_scores(actor_logits, ref_logits, exp, prompt_len)
+        logprobs, stats = self._policy_scores(exp, prompt_len)
         exp["logprobs"] = logprobs
         return exp, stats
 
-    @staticmethod
-    def _policy_scores(actor_logits, ref_logits, exp, prompt_len):
-        """From the answer-position logits [B, T+1, V]: the actor's log-probs of the taken tokens
-        [B, T] (with grad when the logits have it), the reference's into `exp`, and the metrics."""
+    def _policy_scores(self, exp, prompt_len):
+        """The actor's log-probs of the taken tokens [B, T] (with grad when grad is on), the
+        reference's into `exp`, and the entropy / KL / length metrics."""
         seq, mask = exp["input_ids"], exp["attention_mask"]
-        answer = seq[:, prompt_len:]
-        logprobs = gather_log_probs(actor_logits[:, :-1], answer)
-        exp["ref_logprobs"] = gather_log_probs(ref_logits[:, :-1], answer)
-        entropy, full_kl = entropy_and_full_kl_from_logits(actor_logits.detach(), ref_logits,
-                                                           chunk_size=64)
+        scores = self._answer_scores(seq, mask, prompt_len, with_reference=True)
+        exp["ref_logprobs"] = scores["ref_logprobs"]
+        full_kl = scores["full_kl"]
         # The original's metric convention: from position P - 1, so the distribution after the EOS
         # counts too (kept so numbers compare with published logs).
         metric_mask = mask[:, prompt_len - 1:]
         stats = {"length": answer_lengths(mask, prompt_len).mean().item(),
                  "kl": masked_mean(full_kl, metric_mask).item(),
                  "max_kl": (full_kl * metric_mask.float()).max().item(),
-                 "entropy": masked_mean(entropy, metric_mask).item()}
-        return logprobs, stats
+                 "entropy": masked_mean(scores["entropy"], metric_mask).item()}
+        return scores["logprobs"], stats
+
+    def _answer_scores(self, seq, mask, prompt_len, with_reference):
+        """logprobs [B, T] of the actor (with grad when grad is on) and, `with_reference`, the
+        reference's ref_logprobs [B, T] and the entropy / full_kl [B, T+1] metrics (no grad):
+        in chunks of `logit_chunk_tokens` over the LM-head inputs, or from full logits."""
+        answer = seq[:, prompt_len:]
+        chunk_tokens = self.rollout.logit_chunk_tokens
+        if chunk_tokens is None:
+            logits = self._answer_logits(self.actor, seq, mask, prompt_len)      # [B, T+1, V]
+            scores = {"logprobs": gather_log_probs(logits[:, :-1], answer)}
+            if with_reference:
+                with torch.no_grad():
+                    ref_logits = self._answer_logits(self.ref, seq, mask, prompt_len)
+                scores["ref_logprobs"] = gather_log_probs(ref_logits[:, :-1], answer)
+                scores["entropy"], scores["full_kl"] = entropy_and_full_kl_from_logits(
+                    logits.detach(), ref_logits, chunk_size=64)
+            return scores
+        # Every rank runs as many head forwards (ZeRO-3 gathers the head's weight at each one).
+        tokens = seq.size(0) * (answer.size(1) + 1)
+        num_chunks = int(all_reduce_max([math.ceil(tokens / chunk_tokens)])[0])
+        actor_hidden, actor_head = self._answer_hidden(self.actor, seq, mask, prompt_len)
+        if not with_reference:
+            return chunked_answer_scores(actor_hidden, actor_head, answer, num_chunks)
+        with torch.no_grad():
+            ref_hidden, ref_head = self._answer_hidden(self.ref, seq, mask, prompt_len)
+        return chunked_answer_scores(actor_hidden, actor_head, answer, num_chunks, ref_hidden,
+                                     ref_head)
+
+    def _answer_hidden(self, model, seq, mask, prompt_len):
+        """(LM-head inputs at positions P-1 … L-1 [B, T+1, H], the LM-head module) from one
+        forward of `model` in which the head computes nothing; the caller runs the head."""
+        head = unwrap(model).get_output_embeddings()
+        if head is None:
+            raise ValueError(f"{type(unwrap(model)).__name__} has no LM head "
+                             "(get_output_embeddings() is None); run with --unchunked_logits")
+        with lm_head_inputs(head) as captured:
+            self._answer_logits(model, seq, mask, prompt_len)
+        return captured[-1][:, -(seq.size(1) - prompt_len + 1):], head
 
     def _sampled_and_greedy_rewards(self, sampled, greedy, prompt_len):
         """(sampled rewards, greedy rewards) of two (seq, mask) batches: one reward forward over
@@ -325,16 +398,12 @@ class PolicyTrainer:
         the stored log-probs (its detached values) and the advantages are filled into `exp` here,
         and their metrics returned with the loss's. Returns (loss, stats)."""
         prompt_len = exp["prompts"].size(1)
-        seq, mask = exp["input_ids"], exp["attention_mask"]
-        logits = self._answer_logits(self.actor, seq, mask, prompt_len)
         if not self.rollout.one_actor_forward:
-            logprobs = gather_log_probs(logits[:, :-1], seq[:, prompt_len:])
+            logprobs = self._answer_scores(exp["input_ids"], exp["attention_mask"], prompt_len,
+                                           with_reference=False)["logprobs"]
             return self.algorithm.policy_loss(logprobs, answer_batch(exp),
                                               stored_advantages(exp), self.settings)
-        with torch.no_grad():
-            ref_logits = self._answer_logits(self.ref, seq, mask, prompt_len)
-        logprobs, stats = self._policy_scores(logits, ref_logits, exp, prompt_len)
-        del ref_logits
+        logprobs, stats = self._policy_scores(exp, prompt_len)
         exp["logprobs"] = logprobs.detach()
         stats.update(self._estimate_advantages(exp))
         loss, loss_stats = self.algorithm.policy_loss(logprobs, answer_batch(exp),

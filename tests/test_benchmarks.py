@@ -110,8 +110,84 @@ def test_variant_flags_select_the_algorithm_and_give_ppo_a_critic_stage():
     assert variant_flags("rloo-k2", 2) == ["--algo", "rloo", "--num_samples_per_prompt", 2]
     assert variant_flags("ppo-4ep", 3) == ["--algo", "ppo", "--ppo_epochs", 4,
                                            "--critic_zero_stage", 3]
-    with pytest.raises(ValueError, match="unknown algorithm row"):
+    with pytest.raises(ValueError, match="unknown benchmark row"):
         variant_flags("dpo", 2)
+
+
+def test_efficiency_rows_switch_off_all_features_or_one(tmp_path):
+    from benchmarks.variants import ABLATIONS, EFFICIENCY_FLAGS, FAITHFUL
+
+    off = sorted(EFFICIENCY_FLAGS.values())
+    assert sorted(variant_flags(FAITHFUL, 2)[2:]) == off     # switches: no values
+    assert variant_flags("remax-no-chunked-logits", 2) == ["--algo", "remax", "--unchunked_logits"]
+    assert sorted(f for name in ABLATIONS for f in variant_flags(name, 2)[2:]) == off
+    # Every flag exists in stage 3 and parses.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "stage3_main_for_flags", os.path.join(ROOT, "step3_rlhf_finetuning", "main.py"))
+    stage3 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage3)
+    args = stage3.parse_args(["--actor_model_name_or_path", "a", "--reward_model_name_or_path", "r",
+                              "--output_dir", str(tmp_path)] + variant_flags(FAITHFUL, 2)[2:])
+    assert args.unchunked_logits and args.separate_baseline_generation and args.pad_prompts_to_max_len
+
+
+def test_decode_floor_times_exactly_the_decode_products():
+    """Counted through a torch-function mode: per new token, 8 products per layer (q, k, v, the
+    two attention products against the cache at its length, output, two MLP) and the LM head on
+    one position per row, with the multiply-adds of a decode of that shape."""
+    from torch.overrides import TorchFunctionMode
+
+    from benchmarks.algorithms import QUICK_SIZE
+    from benchmarks.floor import DecodeShape, decode_floor_seconds
+
+    class CountProducts(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.count, self.macs = 0, 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("matmul", "__matmul__"):
+                a, b = args
+                self.count += 1
+                self.macs += a.numel() * b.size(-1)
+            return func(*args, **(kwargs or {}))
+
+    import torch
+
+    size, shape = QUICK_SIZE, DecodeShape(rows=3, prompt_len=5, answer_len=4)
+    counter = CountProducts()
+    with counter:
+        seconds = decode_floor_seconds(size, shape, repeats=1)
+    assert seconds > 0
+    h, v, rows = size.hidden_size, size.vocab_size, shape.rows
+    assert counter.count == shape.answer_len * (8 * size.num_layers + 1)
+    cache = sum(shape.prompt_len + t + 1 for t in range(shape.answer_len))
+    per_token_layer = rows * (4 * h * h + 2 * h * 4 * h)      # q, k, v, o and the MLP
+    attention = 2 * rows * h * cache                          # q K^T and p V, over the steps
+    expected = size.num_layers * (shape.answer_len * per_token_layer + attention) \
+        + shape.answer_len * rows * h * v
+    assert counter.macs == expected
+
+
+def test_efficiency_targets_and_ratios_to_the_faithful_path():
+    from benchmarks.efficiency import add_ratios, target, target_lines
+
+    rows = {"remax": {"e2e_s": 2.0, "peak_memory_mib": 700.0, "experience_peak_mib": 300.0,
+                      "generation_s": 1.0},
+            "remax-faithful": {"e2e_s": 5.0, "peak_memory_mib": 1000.0,
+                               "experience_peak_mib": 1000.0, "generation_s": 2.0},
+            "remax-no-one-generation-pass": {"generation_s": 1.6}}
+    add_ratios(rows)
+    assert rows["remax"]["e2e_vs_faithful"] == pytest.approx(0.4)
+    assert rows["remax"]["experience_memory_vs_faithful"] == pytest.approx(0.3)
+    lines = target_lines("varied", rows)
+    assert lines[0] == "remax e2e / faithful = 0.400 (target <= 0.5: met)"
+    assert lines[1].startswith("remax generation / remax-no-one-generation-pass = 0.625") \
+        and lines[1].endswith("met)")
+    assert lines[3].endswith("n/a)") and lines[4].endswith("(target <= 0.7: met)")  # 0.7 <= 0.7
+    assert target("x", NAN, 1.0).endswith("n/a)") and target("x", 2.0, 1.0).endswith("missed)")
 
 
 def test_run_curve_counts_training_time_before_each_evaluation(tmp_path):
@@ -138,6 +214,27 @@ def test_mean_curve_averages_seeds_at_the_same_update():
     point = mean_curve([seed_a, seed_b])[0]
     assert (point["reward"], point["reward_min"], point["reward_max"]) == (2.0, 1.0, 3.0)
     assert point["wall_s"] == 1.0 and math.isnan(point["greedy_reward"])
+
+
+@pytest.mark.slow
+def test_quick_efficiency_benchmark_writes_both_setups(tmp_path):
+    out = tmp_path / "efficiency"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.efficiency", "--quick", "--out",
+                           str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    report = json.loads((out / "efficiency.json").read_text())
+    for setup in ("uniform", "varied"):
+        rows = report[setup]["rows"]
+        assert set(rows) == {"remax", "remax-faithful"}
+        assert rows["remax-faithful"]["e2e_vs_faithful"] == 1.0
+        for row in rows.values():
+            for column in ("generation_s", "e2e_s", "peak_memory_mib", "experience_peak_mib",
+                           "training_peak_mib"):
+                assert row[column] is not None and row[column] > 0, (setup, column, row)
+    assert report["floor"]["one_pass_s"] > 0
+    text = (out / "efficiency.md").read_text()
+    assert "Decoding floor" in text and "| remax-faithful |" in text
 
 
 @pytest.mark.slow

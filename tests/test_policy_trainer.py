@@ -6,6 +6,7 @@ before the trainer served several algorithms."""
 import copy
 import json
 import os
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -23,7 +24,8 @@ PROMPTS = ["\n\nHuman: Tell me about the moon?\n\nAssistant:", "\n\nHuman: Hi?\n
 
 
 def make_trainer(path, algo="remax", samples=1, max_answer_seq_len=8, gamma=0.9, perturb=0.0,
-                 one_generation_pass=True, one_reward_pass=True, trim_prompt_padding=True):
+                 one_generation_pass=True, one_reward_pass=True, trim_prompt_padding=True,
+                 fused_sampling=True):
     """A PolicyTrainer over plain modules (the engine's interface without DeepSpeed)."""
     torch.manual_seed(0)
     tok = load_hf_tokenizer(path)
@@ -43,7 +45,8 @@ def make_trainer(path, algo="remax", samples=1, max_answer_seq_len=8, gamma=0.9,
     rollout = RolloutSettings(max_answer_seq_len=max_answer_seq_len, num_samples_per_prompt=samples,
                               one_generation_pass=one_generation_pass,
                               one_reward_pass=one_reward_pass,
-                              trim_prompt_padding=trim_prompt_padding)
+                              trim_prompt_padding=trim_prompt_padding,
+                              fused_sampling=fused_sampling)
     return PolicyTrainer(engine, ALGORITHMS[algo], settings, rollout)
 
 
@@ -203,7 +206,7 @@ def test_remax_numbers_unchanged_by_the_refactor(tiny_opt_path):
     # scores sampled and greedy answers in one pass (which must not change a reward)
     trainer = make_trainer(tiny_opt_path, max_answer_seq_len=10, gamma=0.95, perturb=0.02,
                            one_generation_pass=False, one_reward_pass=True,
-                           trim_prompt_padding=False)
+                           trim_prompt_padding=False, fused_sampling=False)
     prompts = torch.tensor(pin["prompts"])
     prompt_mask = torch.tensor(pin["prompt_mask"])
     torch.manual_seed(42)
@@ -254,10 +257,12 @@ def reference_top_k_top_p_step(logits, top_k=50, top_p=0.9):
     return logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
 
 
-def test_one_pass_sampled_rows_follow_the_top_k_top_p_distribution(tiny_opt_path):
+@pytest.mark.parametrize("fused", [False, True])
+def test_one_pass_sampled_rows_follow_the_top_k_top_p_distribution(tiny_opt_path, fused):
     """Replays the one-pass decode with a hand-written sampler (full forward at every step, the same
-    RNG stream): sampled rows follow top-k 50 then top-p 0.9, greedy rows take the arg-max."""
-    trainer = make_trainer(tiny_opt_path, samples=2, max_answer_seq_len=6)
+    RNG stream): sampled rows follow top-k 50 then top-p 0.9, greedy rows take the arg-max. HF's
+    warpers draw over the whole vocabulary; the fused sampler over the top-k candidates."""
+    trainer = make_trainer(tiny_opt_path, samples=2, max_answer_seq_len=6, fused_sampling=fused)
     tok = trainer.tokenizer
     prompts, prompt_mask = prompt_batch(tok)
     trainer.actor.eval()
@@ -274,14 +279,50 @@ def test_one_pass_sampled_rows_follow_the_top_k_top_p_distribution(tiny_opt_path
         with torch.no_grad():
             logits = trainer.actor(seq, attention_mask=mask).logits[:, -1].float()
         probs = reference_top_k_top_p_step(logits)
-        one_hot = torch.zeros_like(probs).scatter(1, logits.argmax(-1, keepdim=True), 1.0)
-        probs = torch.where(greedy_rows[:, None], one_hot, probs)
-        token = torch.multinomial(probs, 1).squeeze(1)
+        argmax = logits.argmax(-1, keepdim=True)
+        if fused:  # a draw among the top-k candidates, in descending order
+            candidates = torch.topk(logits, 50, dim=-1).indices
+            token = candidates.gather(1, torch.multinomial(probs.gather(1, candidates), 1))
+            token = torch.where(greedy_rows[:, None], argmax, token).squeeze(1)
+        else:
+            one_hot = torch.zeros_like(probs).scatter(1, argmax, 1.0)
+            probs = torch.where(greedy_rows[:, None], one_hot, probs)
+            token = torch.multinomial(probs, 1).squeeze(1)
         token = torch.where(finished, torch.full_like(token, tok.pad_token_id), token)
         finished |= token == tok.eos_token_id
         seq = torch.cat([seq, token[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(token)[:, None]], dim=1)
     assert torch.equal(seq, produced)
+
+
+def test_fused_sampler_has_the_distribution_of_hf_top_k_top_p_warpers():
+    """On random logits (several scales: flat to peaked), the fused sampler's candidate
+    probabilities equal HF's TopK(50) + TopP(0.9) warpers' distribution; its draws follow it."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    from trainer import TopKTopPSampler
+
+    torch.manual_seed(5)
+    logits = torch.randn(6, 300) * torch.tensor([0.1, 0.5, 1.0, 2.0, 4.0, 8.0])[:, None]
+    warped = TopPLogitsWarper(0.9)(None, TopKLogitsWarper(50)(None, logits.clone()))
+    expected = warped.softmax(dim=-1)
+    sampler = TopKTopPSampler(50, 0.9)
+    tokens, probs = sampler.candidates(logits)
+    got = torch.zeros_like(expected).scatter(1, tokens, probs / probs.sum(-1, keepdim=True))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert (probs > 0).sum(-1).tolist() == (expected > 0).sum(-1).tolist()
+    # Draws: one finite score per row, at a token of positive probability; greedy rows: arg-max.
+    greedy = torch.tensor([False, False, False, False, True, True])
+    out = TopKTopPSampler(50, 0.9, greedy_rows=greedy)(None, logits)
+    assert torch.isfinite(out).sum(-1).tolist() == [1] * 6
+    chosen = out.argmax(-1)
+    assert (expected.gather(1, chosen[:, None]) > 0).all()
+    assert torch.equal(chosen[4:], logits[4:].argmax(-1))
+    counts = torch.zeros(300)
+    row = logits[2:3].expand(20000, -1)
+    for token in TopKTopPSampler(50, 0.9)(None, row).argmax(-1):
+        counts[token] += 1
+    torch.testing.assert_close(counts / 20000, expected[2], atol=0.015, rtol=0)
 
 
 def test_rewards_in_one_forward_equal_separate_forwards(tiny_opt_path):
@@ -356,10 +397,14 @@ class FakeEngine:
         self.module.eval()
 
 
-def test_one_actor_forward_equals_a_separate_scoring_forward(tiny_opt_path):
+@pytest.mark.parametrize("one_forward, chunk_tokens", [(True, None), (False, 4), (True, 4)])
+def test_one_actor_forward_and_chunked_logits_equal_the_faithful_path(tiny_opt_path, one_forward,
+                                                                     chunk_tokens):
     """The update forward scoring the policy (log-probs for the KL penalty = its detached values)
-    gives the loss and gradients of the path with a separate no-grad scoring forward, over two
-    prompt batches cut into several micro-batches; dropout off."""
+    and the LM head run over a few answer tokens at a time (4 tokens: 1-2 positions per chunk)
+    each give the experience, loss, metrics and gradients of the faithful path (a separate no-grad
+    scoring forward, full logits), over two prompt batches cut into several micro-batches;
+    dropout off."""
     from transformers import AutoConfig
 
     from utils.data.data_utils import MiniDataset
@@ -368,7 +413,7 @@ def test_one_actor_forward_equals_a_separate_scoring_forward(tiny_opt_path):
     config = AutoConfig.from_pretrained(tiny_opt_path)
     disable_dropout_in_config(config)
     results = []
-    for one_forward in (False, True):
+    for one, chunk in ((False, None), (one_forward, chunk_tokens)):
         trainer = make_trainer(tiny_opt_path, samples=2, perturb=0.02)
         torch.manual_seed(0)
         actor = AutoModelForCausalLM.from_pretrained(tiny_opt_path, config=config)
@@ -377,24 +422,51 @@ def test_one_actor_forward_equals_a_separate_scoring_forward(tiny_opt_path):
                 p.add_(0.02 * torch.randn_like(p))
         trainer.actor = FakeEngine(actor)
         trainer.rollout = RolloutSettings(max_answer_seq_len=8, num_samples_per_prompt=2,
-                                          one_actor_forward=one_forward)
+                                          one_actor_forward=one, logit_chunk_tokens=chunk)
         buffer = MiniDataset(2, 4)  # 2 prompt batches of 3 prompts x 2 samples -> 4 micro-batches
         prompts, prompt_mask = prompt_batch(trainer.tokenizer)
         torch.manual_seed(17)
+        stats = []
         for _ in range(2):
-            exp, _, _ = trainer.generate_experience(prompts, prompt_mask)
+            exp, round_stats, _ = trainer.generate_experience(prompts, prompt_mask)
+            stats.append(round_stats)
             micro_batches = buffer.add(exp)
         assert [len(m["input_ids"]) for m in micro_batches] == [4, 2, 4, 2]
         means = trainer.train_step(micro_batches)
         grads = {n: p.grad.clone() for n, p in actor.named_parameters()}
-        results.append((means, grads, micro_batches))
-    (separate, separate_grads, separate_exp), (one, one_grads, one_exp) = results
-    for a, b in zip(separate_exp, one_exp):
+        results.append((means, grads, micro_batches, stats))
+    (faithful, faithful_grads, faithful_exp, faithful_stats), (got, got_grads, got_exp, got_stats) = results
+    for a, b in zip(faithful_exp, got_exp):
         assert torch.equal(a["input_ids"], b["input_ids"])
-        torch.testing.assert_close(a["logprobs"], b["logprobs"], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(a["advantages"], b["advantages"], rtol=1e-5, atol=1e-5)
-    assert one["actor_loss"] == pytest.approx(separate["actor_loss"], rel=1e-5, abs=1e-6)
-    for key in ("kl", "entropy", "return", "advantage"):
-        assert key in one
-    for name, grad in separate_grads.items():
-        torch.testing.assert_close(one_grads[name], grad, rtol=1e-5, atol=1e-6)
+        for key in ("logprobs", "ref_logprobs", "advantages"):
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5)
+    if not one_forward:  # the metrics of the scoring forward, per round
+        for a, b in zip(faithful_stats, got_stats):
+            for key in ("kl", "max_kl", "entropy"):
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6)
+    assert got["actor_loss"] == pytest.approx(faithful["actor_loss"], rel=1e-5, abs=1e-6)
+    if one_forward:  # the update forward reports the scoring metrics
+        for key in ("kl", "entropy", "return", "advantage"):
+            assert key in got
+    for name, grad in faithful_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_chunked_scores_equal_full_logits_under_zero3_on_two_ranks(tiny_opt_path, tmp_path):
+    """Under ZeRO-3 (actor and reference partitioned, the head tied to the embedding) on 2 ranks
+    whose answers differ in length, so they need different numbers of chunks: the chunked scores
+    and the gathered gradients equal those of full logits, and no rank hangs."""
+    from stage_runner import ROOT, free_port, run_command
+
+    out = tmp_path / "result.json"
+    deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    code, output = run_command([deepspeed, "--num_gpus", "2", "--master_port", str(free_port()),
+                                os.path.join(ROOT, "tests", "zero3_chunked_scores.py"),
+                                "--model", tiny_opt_path, "--out", str(out)], timeout=300)
+    assert code == 0, output[-3000:]
+    result = json.loads(out.read_text())
+    assert result["keys"] == ["entropy", "full_kl", "logprobs", "ref_logprobs"]
+    assert result["kl"] > 0 and result["grad_scale"] > 0.1
+    assert result["score_diff"] < 1e-5
+    assert result["grad_diff"] < 1e-5 * result["grad_scale"] + 1e-6

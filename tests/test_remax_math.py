@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from algorithms import compute_returns, policy_gradient_loss
-from rl_math import (action_mask_from_sequences, answer_lengths, entropy_and_full_kl_from_logits,
-                     fix_degenerate_answers, gather_log_probs, kl_penalty, masked_max_from,
-                     masked_mean_from, truncated_rate)
+from rl_math import (action_mask_from_sequences, answer_lengths, chunked_answer_scores,
+                     entropy_and_full_kl_from_logits, fix_degenerate_answers, gather_log_probs,
+                     kl_penalty, masked_max_from, masked_mean_from, truncated_rate)
 
 PAD = 2  # in step 3 pad == eos (and OPT's BOS </s> has the same id)
 
@@ -215,3 +215,64 @@ def test_truncated_rate():
         [4, 5, PAD, PAD, PAD], # stopped at once
     ])
     assert truncated_rate(seq, prompt_len=2, pad_token_id=PAD).item() == pytest.approx(1 / 3)
+
+
+# ---------------------------------------------------------------------------------------------- chunked LM head
+def _full_scores(actor_hidden, ref_hidden, head, ref_head, labels):
+    logits, ref_logits = head(actor_hidden), ref_head(ref_hidden)
+    entropy, full_kl = entropy_and_full_kl_from_logits(logits.detach(), ref_logits)
+    return {"logprobs": gather_log_probs(logits[:, :-1], labels),
+            "ref_logprobs": gather_log_probs(ref_logits[:, :-1], labels),
+            "entropy": entropy, "full_kl": full_kl}
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 3, 5, 7])
+def test_chunked_answer_scores_equal_the_full_logits_gradients_included(chunks):
+    """Every number of chunks (all at once, uneven, one position each, more chunks than positions)
+    gives the log-probs, metrics and gradients of the computation over full [B, N, V] logits."""
+    torch.manual_seed(3)
+    B, N, H, V = 2, 5, 4, 11
+    head, ref_head = torch.nn.Linear(H, V), torch.nn.Linear(H, V)
+    hidden = torch.randn(B, N, H, requires_grad=True)
+    ref_hidden = torch.randn(B, N, H)
+    labels = torch.randint(0, V, (B, N - 1))
+    weights = torch.randn(B, N - 1)  # a loss that weighs every log-prob differently
+
+    expected = _full_scores(hidden, ref_hidden, head, ref_head, labels)
+    (expected["logprobs"] * weights).sum().backward()
+    grads = [t.grad.clone() for t in (hidden, head.weight, head.bias)]
+    for t in (hidden, head.weight, head.bias):
+        t.grad = None
+
+    calls = []
+    counted_head = lambda h: (calls.append(h.size(1)), head(h))[1]  # noqa: E731
+    got = chunked_answer_scores(hidden, counted_head, labels, chunks, ref_hidden, ref_head)
+    assert set(got) == set(expected)
+    for key in expected:
+        assert got[key].shape == expected[key].shape and got[key].dtype == torch.float32
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
+    assert got["entropy"].grad_fn is None and got["ref_logprobs"].grad_fn is None
+    forward_calls = len(calls)
+    assert calls == [-(-N // chunks)] * chunks  # exactly `chunks` calls of equal size, padded
+    (got["logprobs"] * weights).sum().backward()
+    # Several chunks: each one's logits were recomputed, not kept; one chunk: kept.
+    assert len(calls) == forward_calls * (2 if chunks > 1 else 1)
+    for grad, t in zip(grads, (hidden, head.weight, head.bias)):
+        torch.testing.assert_close(t.grad, grad, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_answer_scores_without_reference_and_without_grad():
+    torch.manual_seed(4)
+    head = torch.nn.Linear(3, 6)
+    hidden, labels = torch.randn(2, 4, 3), torch.randint(0, 6, (2, 3))
+    with torch.no_grad():
+        got = chunked_answer_scores(hidden, head, labels, 2)
+        expected = gather_log_probs(head(hidden)[:, :-1], labels)
+    assert set(got) == {"logprobs"}
+    torch.testing.assert_close(got["logprobs"], expected)
+    # Hand value: one position, two logits [0, log 3] -> log π(token 1) = log(3/4).
+    two = torch.nn.Linear(1, 2, bias=False)
+    with torch.no_grad():
+        two.weight.copy_(torch.tensor([[0.0], [math.log(3)]]))
+        out = chunked_answer_scores(torch.ones(1, 2, 1), two, torch.tensor([[1]]), 1)
+    torch.testing.assert_close(out["logprobs"], torch.tensor([[math.log(0.75)]]))

@@ -147,6 +147,24 @@ class NonFiniteUpdates:
                 "overflow_skipped": self.overflows}
 
 
+def settle_update(guard, step, metrics, prefix, record, checkpoint):
+    """After an update, on every rank alike: log the skip counters (`<prefix>/nonfinite_skipped`,
+    `<prefix>/overflow_skipped`) when a step was skipped, hand the outcome and the counters to
+    `record(applied, counters)` (the training state's), and after `patience` non-finite updates in
+    a row save through `checkpoint()` (returns the checkpoint's path), close the metrics and raise
+    the one-line stop. Returns the outcome otherwise."""
+    outcome = guard.end_update()
+    if outcome != APPLIED:
+        metrics.log(step, **{f"{prefix}/nonfinite_skipped": guard.skipped,
+                             f"{prefix}/overflow_skipped": guard.overflows})
+    record(outcome == APPLIED, guard.counters(stopping=outcome == STOP))
+    if outcome == STOP:
+        path = checkpoint()
+        metrics.close()
+        raise guard.stop_error(f"checkpoint {path}")
+    return outcome
+
+
 _MISSING = object()
 
 

@@ -35,3 +35,63 @@ def throughput_line(config, num_params, seconds, global_batch, seq_len, passes, 
             f"Samples/sec: {global_batch / max(seconds, 1e-9):.2f}, "
             f"Time/seq {seconds / max(global_batch, 1):.2f}s, Batch Size: {global_batch}, "
             f"Sequence Length: {seq_len}")
+
+
+_EARLIER_PEAK_MIB = [0.0]   # the CPU process's peak before the last reset (the kernel forgets it)
+
+
+def reset_peak_memory():
+    """Start a new peak-memory window: on a GPU the allocator's peak, on the CPU the process's
+    peak resident set (VmHWM, reset through /proc/self/clear_refs; where that is refused, the
+    window keeps the process's whole-run peak). The reset also lowers what the kernel reports
+    as the process's ru_maxrss at exit, so `process_peak_mib` keeps the whole-run peak."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    _EARLIER_PEAK_MIB[0] = max(_EARLIER_PEAK_MIB[0], _vm_hwm_mib())
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mib():
+    """The peak since `reset_peak_memory`: GPU max_memory_allocated, else the CPU process's VmHWM
+    (which includes memory the allocator kept from before the window); NaN when unreadable."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return _vm_hwm_mib()
+
+
+def current_memory_mib():
+    """Memory in use now: GPU memory_allocated, else the CPU process's resident set (VmRSS)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.memory_allocated() / 2 ** 20
+    return _proc_status_mib("VmRSS:")
+
+
+def process_peak_mib():
+    """The CPU process's peak resident set over the whole run so far (MiB; NaN if unreadable)."""
+    return max(_EARLIER_PEAK_MIB[0], _vm_hwm_mib())
+
+
+def _vm_hwm_mib():
+    return _proc_status_mib("VmHWM:")
+
+
+def _proc_status_mib(field):
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")

@@ -13,7 +13,7 @@ from torch.utils.data.distributed import DistributedSampler
 from utils.checkpoint import (Checkpointer, ResumeError, load_training_checkpoint,
                               mark_run_complete, prepare_output_dir, restore_rng,
                               universal_ds_config)
-from utils.nonfinite import APPLIED, STOP, NonFiniteUpdates
+from utils.nonfinite import NonFiniteUpdates, settle_update
 from utils.preflight import start_checked
 from utils.utils import (all_reduce_sum, barrier, get_rank, print_rank_0,
                          save_args, save_code, set_random_seed)
@@ -271,19 +271,17 @@ def progress(iterable, desc, total=None, initial=0):
 def end_update(guard, state, metrics, step, checkpointer):
     """After an optimizer step, on every rank: count a skipped one; after too many non-finite
     updates in a row, save a checkpoint and raise the one-line error (every rank together)."""
-    outcome = guard.end_update()
-    counters = guard.counters(stopping=outcome == STOP)
-    state.nonfinite_streak, state.nonfinite_skipped, state.overflow_skipped = (
-        counters["nonfinite_streak"], counters["nonfinite_skipped"], counters["overflow_skipped"])
-    if outcome != APPLIED:
-        metrics.log(step, **{"Train/nonfinite_skipped": guard.skipped,
-                             "Train/overflow_skipped": guard.overflows})
-    if outcome == STOP:
+    def record(applied, counters):
+        state.nonfinite_streak, state.nonfinite_skipped, state.overflow_skipped = (
+            counters["nonfinite_streak"], counters["nonfinite_skipped"], counters["overflow_skipped"])
+
+    def checkpoint():
         state.step, state.metrics_lines = step, metrics.lines
         path = checkpointer.save(step, state.to_dict(), state.last_eval)
         checkpointer.close()
-        metrics.close()
-        raise guard.stop_error(f"checkpoint {path}")
+        return path
+
+    settle_update(guard, step, metrics, "Train", record, checkpoint)
 
 
 def interval(num_batches, times_per_epoch):

@@ -117,12 +117,23 @@ def barrier():
 
 def all_reduce_sum(values):
     """Element-wise sum of a list of floats over ranks; returns a list of floats."""
-    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        from deepspeed import get_accelerator
+    return _all_reduce(values, "SUM")
 
-        tensor = tensor.to(get_accelerator().current_device_name())
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+
+def all_reduce_max(values):
+    """Element-wise maximum of a list of floats over ranks; returns a list of floats."""
+    return _all_reduce(values, "MAX")
+
+
+def _all_reduce(values, op):
+    values = [float(v) for v in values]
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+            or torch.distributed.get_world_size() == 1:   # nothing to exchange (no device sync)
+        return values
+    from deepspeed import get_accelerator
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=get_accelerator().current_device_name())
+    torch.distributed.all_reduce(tensor, op=getattr(torch.distributed.ReduceOp, op))
     return tensor.cpu().tolist()
 
 

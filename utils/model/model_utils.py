@@ -4,6 +4,7 @@ Tokenizer contract (every family): pad token == eos token, right padding. The or
 name stored in `config.json` and built the tokenizer from the hub (fails offline and for models of
 your own); we read the tokenizer files of the model directory itself.
 """
+import contextlib
 import json
 import math
 import os
@@ -187,6 +188,29 @@ def resize_embeddings(model, tokenizer):
 def unwrap(model):
     """The plain module behind a DeepSpeed engine."""
     return model.module if hasattr(model, "module") else model
+
+
+@contextlib.contextmanager
+def lm_head_inputs(head):
+    """While open, the LM-head module `head` records each input (the final hidden states, after
+    the model's own slicing by `logits_to_keep`) into the yielded list and returns [..., 0] empty
+    logits instead of computing any. Its hooks (ZeRO-3's gather and release) still run; calling
+    `head` after the block computes logits as usual, so callers can run it chunk by chunk."""
+    captured = []
+
+    def record(hidden):
+        captured.append(hidden)
+        return hidden.new_zeros(*hidden.shape[:-1], 0)
+
+    own = head.__dict__.get("forward")   # a forward already set on the instance (by a wrapper)
+    head.forward = record                 # an instance attribute shadows the class's forward
+    try:
+        yield captured
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
 
 
 def _cpu_copy(tensor):
