@@ -85,11 +85,12 @@ def parse_args(argv=None):
     group.add_argument("--unchunked_logits", action="store_true",
                        help="Compute actor and reference logits over all answer positions at once "
                             "([batch, answer, vocabulary], kept for the backward) instead of "
-                            "--logit_chunk_tokens tokens at a time, recomputed in the backward.")
-    group.add_argument("--logit_chunk_tokens", type=int, default=1024,
-                       help="Answer tokens (rows x positions) per chunk of the LM head and the "
-                            "log-prob / entropy / KL computation (default 1024); with grad and "
-                            "more than one chunk, each is recomputed in the backward.")
+                            "--logit_chunk_mib of them at a time.")
+    group.add_argument("--logit_chunk_mib", type=float, default=128,
+                       help="Float32 logits per chunk of the LM head and the log-prob / entropy / "
+                            "KL computation, in MiB (default 128: 1024 answer tokens at a "
+                            "vocabulary of 32768); with grad and more than one chunk, each is "
+                            "recomputed in the backward.")
     group.add_argument("--hf_sampling", action="store_true",
                        help="Sample with Hugging Face's top-k / top-p warpers over the whole "
                             "vocabulary instead of over the top-k candidates only (the same "
@@ -182,9 +183,11 @@ def check_args(parser, args):
         args.critic_model_name_or_path = args.reward_model_name_or_path
     for flag in ("ppo_epochs", "generation_batches", "per_device_generation_batch_size",
                  "per_device_training_batch_size", "per_device_eval_batch_size",
-                 "max_answer_seq_len", "logit_chunk_tokens"):
+                 "max_answer_seq_len"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if not args.logit_chunk_mib > 0:
+        parser.error(f"--logit_chunk_mib must be positive, got {args.logit_chunk_mib}")
     if args.gradient_accumulation_steps != 1:
         parser.error("--gradient_accumulation_steps must be 1 in stage 3 (use --generation_batches)")
     if args.inference_tp_size > 1 and args.actor_zero_stage != 3:
@@ -253,7 +256,14 @@ def algorithm_settings(args):
                              group_size=args.num_samples_per_prompt)
 
 
-def rollout_settings(args, world_size, hybrid_engine):
+def logit_chunk_tokens(args, vocab_size):
+    """Answer tokens per LM-head chunk: --logit_chunk_mib of float32 logits (None: unchunked)."""
+    if args.unchunked_logits:
+        return None
+    return max(1, int(args.logit_chunk_mib * 2 ** 20 // (4 * vocab_size)))
+
+
+def rollout_settings(args, world_size, hybrid_engine, vocab_size):
     one_pass = not args.separate_baseline_generation
     if one_pass and hybrid_engine and ALGORITHMS[args.algo].rollout.greedy_baseline:
         # Its generate has not been checked with a per-row logits processor: keep two passes.
@@ -268,8 +278,7 @@ def rollout_settings(args, world_size, hybrid_engine):
                            one_reward_pass=not args.separate_baseline_scoring,
                            trim_prompt_padding=not args.pad_prompts_to_max_len,
                            one_actor_forward=one_actor_forward(args),
-                           logit_chunk_tokens=(None if args.unchunked_logits
-                                               else args.logit_chunk_tokens),
+                           logit_chunk_tokens=logit_chunk_tokens(args, vocab_size),
                            fused_sampling=not args.hf_sampling)
 
 
@@ -387,7 +396,8 @@ def main():
     guard = NonFiniteUpdates(args.max_nonfinite_updates, state.nonfinite_streak,
                              state.nonfinite_skipped, state.overflow_skipped, args.debug_nan_loss)
     trainer = PolicyTrainer(engine, algorithm, algorithm_settings(args),
-                            rollout_settings(args, world_size, engine.hybrid_engine), guard)
+                            rollout_settings(args, world_size, engine.hybrid_engine,
+                                             unwrap(engine.actor).config.vocab_size), guard)
     if resume is not None:
         load_training_checkpoint(resume, engine.trained_engines())
     checkpointer = Checkpointer(args.output_dir, engine.trained_engines(), args, "eval/reward",

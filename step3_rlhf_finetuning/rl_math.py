@@ -144,7 +144,7 @@ def chunked_answer_scores(actor_hidden, actor_head, labels, num_chunks, ref_hidd
     positions = actor_hidden.size(1)
     size = -(-positions // num_chunks)
     extra = size * num_chunks - positions
-    pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, extra))  # noqa: E731  [B, N, H] positions
+    pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, extra)) if extra else t  # noqa: E731
     actor_hidden = pad(actor_hidden)
     labels = torch.nn.functional.pad(labels, (0, extra + positions - labels.size(1)))  # N-1: none
     # One chunk is the full logits anyway: keep them rather than recompute them.
@@ -177,7 +177,8 @@ def chunked_answer_scores(actor_hidden, actor_head, labels, num_chunks, ref_hidd
         parts["logprobs"].append(checkpoint(chunk_logprobs, hidden, chunk_labels, use_reentrant=False)
                                  if recompute else chunk_logprobs(hidden, chunk_labels))
         del logq, pending
-    scores = {key: torch.cat(values, dim=1)[:, :positions] for key, values in parts.items()}
+    scores = {key: (torch.cat(values, dim=1) if len(values) > 1 else values[0])[:, :positions]
+              for key, values in parts.items()}
     for key in ("logprobs", "ref_logprobs"):
         if key in scores:
             scores[key] = scores[key][:, :positions - 1]

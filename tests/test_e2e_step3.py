@@ -51,8 +51,11 @@ def test_remax_opt_one_rank_actor_zero2(sft_opt, reward_opt, preference_data, tm
 
 
 def test_remax_llama_two_ranks_all_zero3(tiny_llama_path, reward_llama, preference_data, tmp_path):
+    """Also with the LM head in chunks of a few tokens: the ranks' answers differ in length, so
+    they need different numbers of chunks and must still run as many head forwards."""
     out = str(tmp_path / "out")
-    log = run_stage(3, remax_args(tiny_llama_path, reward_llama, preference_data, out, 3, 3, 3, 0),
+    log = run_stage(3, remax_args(tiny_llama_path, reward_llama, preference_data, out, 3, 3, 3, 0,
+                                  extra=["--logit_chunk_mib", 0.05]),
                     num_gpus=2)
     check_remax_run(out, log)
 
