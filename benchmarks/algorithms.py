@@ -139,7 +139,7 @@ def warm_up(opts, bench):
         print(f"  warm-up FAILED (exit {result.returncode}):\n{log_tail(result.log_path, 1500)}",
               flush=True)
         return table.NAN
-    return result.peak_rss_mib
+    return summary[table.MEMORY_COLUMN]   # its peak, with the ones its phase windows reset
 
 
 def measure(opts, bench, tag=""):

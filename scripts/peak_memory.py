@@ -30,8 +30,11 @@ def peak_memory_stats():
     stats = {"max_memory_allocated": None, "max_memory_reserved": None}
     torch = sys.modules.get("torch")  # only a process that imported torch can have used the GPU
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        stats = {"max_memory_allocated": torch.cuda.max_memory_allocated(),
-                 "max_memory_reserved": torch.cuda.max_memory_reserved(),
+        # Stage 3 resets the allocator's peak per phase (utils/perf.py keeps the earlier ones).
+        perf = sys.modules.get("utils.perf")
+        allocated, reserved = perf.earlier_cuda_peaks() if perf is not None else (0, 0)
+        stats = {"max_memory_allocated": max(allocated, torch.cuda.max_memory_allocated()),
+                 "max_memory_reserved": max(reserved, torch.cuda.max_memory_reserved()),
                  "device": torch.cuda.get_device_name()}
     return stats
 

@@ -89,8 +89,9 @@ def parse_args(argv=None):
     group.add_argument("--logit_chunk_mib", type=float, default=128,
                        help="Float32 logits per chunk of the LM head and the log-prob / entropy / "
                             "KL computation, in MiB (default 128: 1024 answer tokens at a "
-                            "vocabulary of 32768); with grad and more than one chunk, each is "
-                            "recomputed in the backward.")
+                            "vocabulary of 32768; the chunk's temporaries take a few times that); "
+                            "with grad and more than one chunk, each is recomputed in the "
+                            "backward.")
     group.add_argument("--hf_sampling", action="store_true",
                        help="Sample with Hugging Face's top-k / top-p warpers over the whole "
                             "vocabulary instead of over the top-k candidates only (the same "
@@ -256,14 +257,26 @@ def algorithm_settings(args):
                              group_size=args.num_samples_per_prompt)
 
 
-def logit_chunk_tokens(args, vocab_size):
-    """Answer tokens per LM-head chunk: --logit_chunk_mib of float32 logits (None: unchunked)."""
+# Model types whose causal-LM forward returns the LM head's output unchanged (checked in their
+# transformers 5 code), so the chunked path may run the head itself. Others (Gemma's soft-capping,
+# Cohere's logit scale, Granite's scaling) keep the full logits.
+PLAIN_LM_HEAD_TYPES = frozenset({"opt", "llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox",
+                                 "phi3"})
+
+
+def logit_chunk_tokens(args, config):
+    """Answer tokens per LM-head chunk: --logit_chunk_mib of float32 logits at the actor's
+    vocabulary (None: unchunked, also for a model type that changes the head's output)."""
     if args.unchunked_logits:
         return None
-    return max(1, int(args.logit_chunk_mib * 2 ** 20 // (4 * vocab_size)))
+    if config.model_type not in PLAIN_LM_HEAD_TYPES:
+        print_rank_0(f"[scoring] full logits: a {config.model_type} model's forward may change its "
+                     "LM head's output, which the chunked computation would skip")
+        return None
+    return max(1, int(args.logit_chunk_mib * 2 ** 20 // (4 * config.vocab_size)))
 
 
-def rollout_settings(args, world_size, hybrid_engine, vocab_size):
+def rollout_settings(args, world_size, hybrid_engine, actor_config):
     one_pass = not args.separate_baseline_generation
     if one_pass and hybrid_engine and ALGORITHMS[args.algo].rollout.greedy_baseline:
         # Its generate has not been checked with a per-row logits processor: keep two passes.
@@ -278,7 +291,7 @@ def rollout_settings(args, world_size, hybrid_engine, vocab_size):
                            one_reward_pass=not args.separate_baseline_scoring,
                            trim_prompt_padding=not args.pad_prompts_to_max_len,
                            one_actor_forward=one_actor_forward(args),
-                           logit_chunk_tokens=logit_chunk_tokens(args, vocab_size),
+                           logit_chunk_tokens=logit_chunk_tokens(args, actor_config),
                            fused_sampling=not args.hf_sampling)
 
 
@@ -397,7 +410,7 @@ def main():
                              state.nonfinite_skipped, state.overflow_skipped, args.debug_nan_loss)
     trainer = PolicyTrainer(engine, algorithm, algorithm_settings(args),
                             rollout_settings(args, world_size, engine.hybrid_engine,
-                                             unwrap(engine.actor).config.vocab_size), guard)
+                                             unwrap(engine.actor).config), guard)
     if resume is not None:
         load_training_checkpoint(resume, engine.trained_engines())
     checkpointer = Checkpointer(args.output_dir, engine.trained_engines(), args, "eval/reward",

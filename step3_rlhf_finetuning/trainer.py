@@ -352,9 +352,11 @@ class PolicyTrainer:
                 scores["entropy"], scores["full_kl"] = entropy_and_full_kl_from_logits(
                     logits.detach(), ref_logits, chunk_size=64)
             return scores
-        # Every rank runs as many head forwards (ZeRO-3 gathers the head's weight at each one).
-        tokens = seq.size(0) * (answer.size(1) + 1)
-        num_chunks = int(all_reduce_max([math.ceil(tokens / chunk_tokens)])[0])
+        # Every rank runs as many head forwards (ZeRO-3 gathers the head's weight at each one);
+        # at most one chunk per position.
+        positions = answer.size(1) + 1
+        num_chunks = int(all_reduce_max([min(math.ceil(seq.size(0) * positions / chunk_tokens),
+                                             positions)])[0])
         actor_hidden, actor_head = self._answer_hidden(self.actor, seq, mask, prompt_len)
         if not with_reference:
             return chunked_answer_scores(actor_hidden, actor_head, answer, num_chunks)

@@ -2,6 +2,7 @@
 curves) with numbers checkable by hand, and one quick end-to-end run of the algorithm benchmark."""
 import json
 import math
+from types import SimpleNamespace
 import os
 import subprocess
 import sys
@@ -131,12 +132,16 @@ def test_efficiency_rows_switch_off_all_features_or_one(tmp_path):
     args = stage3.parse_args(["--actor_model_name_or_path", "a", "--reward_model_name_or_path", "r",
                               "--output_dir", str(tmp_path)] + variant_flags(FAITHFUL, 2)[2:])
     assert args.unchunked_logits and args.separate_baseline_generation and args.pad_prompts_to_max_len
-    # The chunk: --logit_chunk_mib of float32 logits in answer tokens; none when unchunked.
-    assert stage3.logit_chunk_tokens(args, 32768) is None
+    # The chunk: --logit_chunk_mib of float32 logits in answer tokens; none when unchunked or for
+    # a model type whose forward changes the head's output.
+    config = lambda vocab, kind="opt": SimpleNamespace(vocab_size=vocab, model_type=kind)  # noqa: E731
+    assert stage3.logit_chunk_tokens(args, config(32768)) is None
     args.unchunked_logits = False
-    assert (stage3.logit_chunk_tokens(args, 32768), stage3.logit_chunk_tokens(args, 1024)) == (1024, 32768)
+    assert stage3.logit_chunk_tokens(args, config(32768)) == 1024
+    assert stage3.logit_chunk_tokens(args, config(1024, "llama")) == 32768
+    assert stage3.logit_chunk_tokens(args, config(32768, "gemma2")) is None
     args.logit_chunk_mib = 1
-    assert stage3.logit_chunk_tokens(args, 2 ** 20) == 1  # never 0
+    assert stage3.logit_chunk_tokens(args, config(2 ** 20)) == 1  # never 0
     with pytest.raises(SystemExit):
         stage3.parse_args(["--actor_model_name_or_path", "a", "--reward_model_name_or_path", "r",
                            "--output_dir", str(tmp_path), "--logit_chunk_mib", "0"])

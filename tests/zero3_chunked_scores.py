@@ -57,15 +57,16 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int, default=-1)
     opts = parser.parse_args()
-    _, rank, _ = init_distributed(opts.local_rank)
+    device, rank, _ = init_distributed(opts.local_rank)
     tokenizer = load_hf_tokenizer(opts.model)
     config = AutoConfig.from_pretrained(opts.model)
     disable_dropout_in_config(config)
     generator = torch.Generator().manual_seed(100 + rank)
     answer = 6 + 5 * rank                       # rank 0: 7 positions, rank 1: 12
     seq = torch.randint(3, config.vocab_size, (ROWS, PROMPT + answer), generator=generator)
+    weights = torch.randn(ROWS, answer, generator=generator).to(device)
+    seq = seq.to(device)
     mask = torch.ones_like(seq)
-    weights = torch.randn(ROWS, answer, generator=generator)
     results = []
     for chunk_tokens in (None, 4):
         actor, ref = engine(opts.model, config, True), engine(opts.model, config, False)

@@ -37,20 +37,33 @@ def throughput_line(config, num_params, seconds, global_batch, seq_len, passes, 
             f"Sequence Length: {seq_len}")
 
 
-_EARLIER_PEAK_MIB = [0.0]   # the CPU process's peak before the last reset (the kernel forgets it)
+# The peaks before the last reset (a reset makes the kernel and the CUDA allocator forget them):
+# the CPU process's resident set in MiB, the CUDA allocator's allocated and reserved bytes.
+_EARLIER_PEAKS = {"rss_mib": 0.0, "cuda_allocated": 0, "cuda_reserved": 0}
+
+
+def _on_cuda():
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
 
 
 def reset_peak_memory():
     """Start a new peak-memory window: on a GPU the allocator's peak, on the CPU the process's
     peak resident set (VmHWM, reset through /proc/self/clear_refs; where that is refused, the
-    window keeps the process's whole-run peak). The reset also lowers what the kernel reports
-    as the process's ru_maxrss at exit, so `process_peak_mib` keeps the whole-run peak."""
+    window keeps the process's whole-run peak). A reset also lowers what the process reports at
+    exit (ru_maxrss, torch.cuda.max_memory_allocated), so the earlier peaks are kept here:
+    `process_peak_mib` and `earlier_cuda_peaks` give the whole run's."""
     import torch
 
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if _on_cuda():
+        _EARLIER_PEAKS["cuda_allocated"] = max(_EARLIER_PEAKS["cuda_allocated"],
+                                               torch.cuda.max_memory_allocated())
+        _EARLIER_PEAKS["cuda_reserved"] = max(_EARLIER_PEAKS["cuda_reserved"],
+                                              torch.cuda.max_memory_reserved())
         torch.cuda.reset_peak_memory_stats()
         return
-    _EARLIER_PEAK_MIB[0] = max(_EARLIER_PEAK_MIB[0], _vm_hwm_mib())
+    _EARLIER_PEAKS["rss_mib"] = max(_EARLIER_PEAKS["rss_mib"], _vm_hwm_mib())
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -58,12 +71,17 @@ def reset_peak_memory():
         pass
 
 
+def earlier_cuda_peaks():
+    """(allocated, reserved) bytes: the CUDA allocator's peaks before the last reset."""
+    return _EARLIER_PEAKS["cuda_allocated"], _EARLIER_PEAKS["cuda_reserved"]
+
+
 def peak_memory_mib():
     """The peak since `reset_peak_memory`: GPU max_memory_allocated, else the CPU process's VmHWM
     (which includes memory the allocator kept from before the window); NaN when unreadable."""
     import torch
 
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if _on_cuda():
         return torch.cuda.max_memory_allocated() / 2 ** 20
     return _vm_hwm_mib()
 
@@ -72,14 +90,14 @@ def current_memory_mib():
     """Memory in use now: GPU memory_allocated, else the CPU process's resident set (VmRSS)."""
     import torch
 
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if _on_cuda():
         return torch.cuda.memory_allocated() / 2 ** 20
     return _proc_status_mib("VmRSS:")
 
 
 def process_peak_mib():
     """The CPU process's peak resident set over the whole run so far (MiB; NaN if unreadable)."""
-    return max(_EARLIER_PEAK_MIB[0], _vm_hwm_mib())
+    return max(_EARLIER_PEAKS["rss_mib"], _vm_hwm_mib())
 
 
 def _vm_hwm_mib():
