@@ -5,6 +5,7 @@ same engine, the baselines users compare it with: PPO (DeepSpeed-Chat's, with a 
         --reward_model_name_or_path ./step2_output --data_path /data/Dahoas/rm-static \
         --actor_zero_stage 2 --reward_zero_stage 3 --reference_zero_stage 3 --output_dir ./output
 """
+import argparse
 import os
 import sys
 
@@ -26,7 +27,7 @@ from utils.data.data_utils import (DataCollatorRLHF, create_prompt_dataset,  # n
 from utils.errors import UserError, run_main  # noqa: E402
 from utils.model.model_utils import (load_hf_tokenizer, save_hf_format,  # noqa: E402
                                      save_reward_model, unwrap)
-from utils.nonfinite import NonFiniteUpdates, settle_update  # noqa: E402
+from utils.nonfinite import NonFiniteUpdates, parse_debug_nan_loss, settle_update  # noqa: E402
 from utils.training import MetricsLog, interval, make_loader, record_run  # noqa: E402
 from utils.preflight import start_checked  # noqa: E402
 from utils.utils import print_rank_0, set_random_seed  # noqa: E402
@@ -99,6 +100,10 @@ def parse_args(argv=None):
     group.add_argument("--pad_prompts_to_max_len", action="store_true",
                        help="Keep every prompt batch padded to --max_prompt_seq_len (default: to "
                             "the batch's longest prompt).")
+    parser.add_argument("--half_precision_logits", action="store_true",
+                        help="Compute the actor's and reference's LM-head logits in the engine's "
+                             "fp16/bf16 (the original) instead of float32 (the default: half "
+                             "logits round the per-token log-ratios to about 0.016).")
     parser.add_argument("--offload_reference_model", action="store_true")
     parser.add_argument("--offload_reward_model", action="store_true")
     parser.add_argument("--actor_bf16", action="store_true")
@@ -141,6 +146,8 @@ def parse_args(argv=None):
     parser.add_argument("--dump_first_experience", action="store_true",
                         help="Write the first update's experience micro-batches to "
                              "<output_dir>/experience/step_0_rank_<r>.pt (to check the math).")
+    # Tests: "UPDATE@RANK,..." gives that rank's rollout of that update an +inf logit.
+    parser.add_argument("--debug_nan_logits", type=str, default="", help=argparse.SUPPRESS)
     parser.add_argument("--enable_test_mode", action="store_true")
     parser.add_argument("--test_stop_step", type=int, default=0)
     parser.add_argument("--evals_per_epoch", type=int, default=20,
@@ -191,6 +198,11 @@ def check_args(parser, args):
         parser.error(f"--logit_chunk_mib must be positive, got {args.logit_chunk_mib}")
     if args.gradient_accumulation_steps != 1:
         parser.error("--gradient_accumulation_steps must be 1 in stage 3 (use --generation_batches)")
+    if args.offload and algorithm.critic and args.critic_zero_stage == 0:
+        parser.error(f"--offload with --algo {args.algo} needs --critic_zero_stage 1, 2 or 3 (it "
+                     "offloads the critic's optimizer too, and at ZeRO 0 DeepSpeed keeps the "
+                     "optimizer on the accelerator, where the CPU Adam --offload picks fails)")
+    parse_debug_nan_loss(args.debug_nan_logits)
     if args.inference_tp_size > 1 and args.actor_zero_stage != 3:
         parser.error("--inference_tp_size > 1 needs --actor_zero_stage 3")
     if args.enable_mixed_precision_lora and (args.actor_lora_dim == 0 or args.actor_zero_stage != 3):
@@ -292,7 +304,8 @@ def rollout_settings(args, world_size, hybrid_engine, actor_config):
                            trim_prompt_padding=not args.pad_prompts_to_max_len,
                            one_actor_forward=one_actor_forward(args),
                            logit_chunk_tokens=logit_chunk_tokens(args, actor_config),
-                           fused_sampling=not args.hf_sampling)
+                           fused_sampling=not args.hf_sampling,
+                           fp32_logits=not args.half_precision_logits)
 
 
 def one_actor_forward(args):
@@ -410,7 +423,8 @@ def main():
                              state.nonfinite_skipped, state.overflow_skipped, args.debug_nan_loss)
     trainer = PolicyTrainer(engine, algorithm, algorithm_settings(args),
                             rollout_settings(args, world_size, engine.hybrid_engine,
-                                             unwrap(engine.actor).config), guard)
+                                             unwrap(engine.actor).config), guard,
+                            parse_debug_nan_loss(args.debug_nan_logits))
     if resume is not None:
         load_training_checkpoint(resume, engine.trained_engines())
     checkpointer = Checkpointer(args.output_dir, engine.trained_engines(), args, "eval/reward",

@@ -9,10 +9,10 @@ import torch
 
 from utils.data.data_utils import MiniDataset
 from utils.perf import (calculate_flops, current_memory_mib, peak_memory_mib, process_peak_mib,
-                        reset_peak_memory, training_passes)
+                        reset_peak_memory, run_reserved_peak_mib, training_passes)
 from utils.checkpoint import restore_rng
 from utils.training import progress, set_loader_epoch
-from utils.utils import all_reduce_sum, get_rank, print_rank_0, to_device
+from utils.utils import all_reduce_max, all_reduce_sum, get_rank, print_rank_0, to_device
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,8 @@ def run_update(trainer, prompt_batches, unsup_batches, args, state, device, worl
     """One round: experience of its prompt batches, then the update. Returns (metric means over
     ranks, seconds: generation, experience, training and e2e = the round's wall time). The means
     include the peak memory (MiB) of the experience and of the training phase, and each one's rise
-    above the memory in use when it began (what the phase itself allocated)."""
+    above the memory in use when it began (what the phase itself allocated);
+    `max_rank_reserved_peak_mib` is the fullest rank's whole-run peak (`run_reserved_peak_mib`)."""
     round_start = time.time()
     reset_peak_memory()
     before = current_memory_mib()
@@ -124,7 +125,10 @@ def run_update(trainer, prompt_batches, unsup_batches, args, state, device, worl
     train_means["training_peak_mib"] = peak_memory_mib()
     train_means["training_rise_mib"] = train_means["training_peak_mib"] - before
     train_means["process_peak_mib"] = process_peak_mib()
-    return reduce_means({**stats, **train_means}, world_size), seconds
+    means = reduce_means({**stats, **train_means}, world_size)
+    # The means above say what a typical rank used; whether the run fits is the fullest rank's.
+    means["max_rank_reserved_peak_mib"] = all_reduce_max([run_reserved_peak_mib()])[0]
+    return means, seconds
 
 
 def dump_experience(experiences, output_dir):

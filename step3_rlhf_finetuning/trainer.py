@@ -11,21 +11,17 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessor
-
 from algorithms import Advantages, AnswerBatch, clipped_value_loss
 from rl_math import (action_mask_from_sequences, answer_lengths, chunked_answer_scores,
                      entropy_and_full_kl_from_logits, fix_degenerate_answers, gather_log_probs,
                      masked_mean, trim_left_padding, truncated_rate)
 from rlhf_engine import moving_average
+from sampling import FiniteLogits, NonFiniteLogits, sampling_kwargs
+from utils.model.lm_head import float32_lm_head
 from utils.model.model_utils import lm_head_inputs, unwrap
 from utils.model.reward_model import answer_end_index
 from utils.nonfinite import NonFiniteUpdates
-from utils.utils import all_reduce_max, get_rank
-
-# The original's sampling settings (HF defaults filled in explicitly: top_k 50 was active too).
-TOP_P, TOP_K, TEMPERATURE = 0.9, 50, 1.0
-
+from utils.utils import all_reduce_max, get_rank, print_rank_0
 
 @dataclass(frozen=True)
 class RolloutSettings:
@@ -47,57 +43,24 @@ class RolloutSettings:
     # Top-k then top-p sampling over the top-k candidates only (TopKTopPSampler), instead of HF's
     # warpers, which sort and mask the whole vocabulary at every step.
     fused_sampling: bool = True
-
-
-class ArgmaxRows(LogitsProcessor):
-    """Leaves only the arg-max logit of the rows in `rows` ([B] bool), so they decode greedily
-    inside a sampled batch; the other rows keep the exact sampling distribution. HF applies custom
-    processors before its top-k / top-p warpers, which keep the arg-max, so those rows sample it."""
-
-    def __init__(self, rows):
-        self.rows = rows
-
-    def __call__(self, input_ids, scores):
-        best = scores.argmax(dim=-1, keepdim=True)
-        only_best = torch.full_like(scores, float("-inf")).scatter(1, best, scores.gather(1, best))
-        return torch.where(self.rows.to(scores.device).unsqueeze(1), only_best, scores)
-
-
-class TopKTopPSampler(LogitsProcessor):
-    """Draws each row's next token from the top-k then top-p distribution of HF's warpers (the
-    `top_k` largest logits, then the fewest of those whose probability reaches `top_p`, at least
-    one; temperature first), working on the k candidates only rather than sorting and masking the
-    whole vocabulary; rows in `greedy_rows` ([B] bool) take the arg-max. Returns scores in which
-    only the chosen token is finite: used with do_sample=False, HF's greedy step then emits it."""
-
-    def __init__(self, top_k, top_p, temperature=1.0, greedy_rows=None):
-        self.top_k, self.top_p, self.temperature = top_k, top_p, temperature
-        self.greedy_rows = greedy_rows
-
-    def candidates(self, scores):
-        """(token ids [B, k], probabilities [B, k] float32, zero outside the top-p set)."""
-        values, tokens = (scores.float() / self.temperature).topk(min(self.top_k, scores.size(-1)))
-        probs = values.softmax(dim=-1)                     # descending, as topk returns them
-        before = probs.cumsum(dim=-1) - probs              # probability of the likelier tokens
-        return tokens, probs.masked_fill(before >= self.top_p, 0.0)
-
-    def __call__(self, input_ids, scores):
-        tokens, probs = self.candidates(scores)
-        chosen = tokens.gather(1, torch.multinomial(probs, 1))
-        if self.greedy_rows is not None:
-            chosen = torch.where(self.greedy_rows.to(scores.device).unsqueeze(1),
-                                 scores.argmax(dim=-1, keepdim=True), chosen)
-        return torch.full_like(scores, float("-inf")).scatter_(1, chosen, 0.0)
+    # The actor's and reference's LM heads compute float32 logits from half-precision weights
+    # (utils/model/lm_head.py); False: logits in the engine's dtype, as the original.
+    fp32_logits: bool = True
 
 
 class PolicyTrainer:
     """Turns prompt batches into experience and experience into one update of the actor (and the
     critic, for algorithms that have one)."""
 
-    def __init__(self, rlhf_engine, algorithm, settings, rollout, nonfinite=None):
+    def __init__(self, rlhf_engine, algorithm, settings, rollout, nonfinite=None,
+                 debug_nan_logits=()):
         """`nonfinite`: the NonFiniteUpdates that every backward and step goes through (a
-        non-finite loss on any rank skips the optimizer step on every rank)."""
+        non-finite loss on any rank skips the optimizer step on every rank; so do non-finite
+        logits while decoding). `debug_nan_logits`: (update, rank) pairs whose rollout sees an
+        +inf logit (tests)."""
         self.nonfinite = nonfinite or NonFiniteUpdates()
+        self.nonfinite_logits = NonFiniteLogits()
+        self.debug_nan_logits = set(debug_nan_logits)
         self.engine = rlhf_engine
         self.actor = rlhf_engine.actor
         self.ref = rlhf_engine.ref
@@ -116,6 +79,9 @@ class PolicyTrainer:
         # The original's degenerate-answer patch writes the token of " " (read at run time).
         self.space_token_id = self.tokenizer.encode(" ", add_special_tokens=False)[-1]
         self._keeps_logits = "logits_to_keep" in inspect.signature(unwrap(self.actor).forward).parameters
+        if rollout.fp32_logits:
+            for name, model in (("actor", self.actor), ("reference", self.ref)):
+                print_rank_0(f"[scoring] {name}: {float32_lm_head(unwrap(model))}")
 
     # ------------------------------------------------------------------ generation
 
@@ -124,16 +90,8 @@ class PolicyTrainer:
         tokens, finished rows filled with pad = eos). `greedy_rows` ([B] bool): rows decoded
         greedily inside a sampled call. With a ZeRO-3 actor on several ranks every rank runs the
         same number of forwards (synced_gpus), so differing lengths never hang."""
-        greedy = dict(do_sample=False, top_p=None, top_k=None, temperature=None)
-        if not do_sample:
-            sampling = greedy
-        elif self.rollout.fused_sampling:
-            sampling = dict(greedy, logits_processor=[
-                TopKTopPSampler(TOP_K, TOP_P, TEMPERATURE, greedy_rows)])
-        else:
-            sampling = dict(do_sample=True, top_p=TOP_P, top_k=TOP_K, temperature=TEMPERATURE)
-            if greedy_rows is not None:
-                sampling["logits_processor"] = [ArgmaxRows(greedy_rows)]
+        sampling = sampling_kwargs(do_sample, self.rollout.fused_sampling, greedy_rows,
+                                   FiniteLogits(self.pad_token_id, self.nonfinite_logits))
         with torch.no_grad():
             return unwrap(self.actor).generate(
                 input_ids=prompts, attention_mask=prompt_mask,
@@ -232,10 +190,17 @@ class PolicyTrainer:
         """
         k = self.rollout.num_samples_per_prompt
         score_policy = not self.rollout.one_actor_forward
+        self.nonfinite_logits.inject = (step, get_rank()) in self.debug_nan_logits
         out = self._experience(prompts, prompt_mask, k, self.algorithm.rollout.greedy_baseline,
                                with_critic=self.algorithm.critic, step=step,
                                print_answers=print_answers, score_policy=score_policy)
         exp, stats, seconds = out
+        stats["nonfinite_logit_rows"] = float(self.nonfinite_logits.pop())
+        if stats["nonfinite_logit_rows"]:
+            # Decoded to EOS instead of crashing in torch.multinomial; the update is skipped on
+            # every rank as for a non-finite loss.
+            self.nonfinite.poison(f"non-finite logits in {int(stats['nonfinite_logit_rows'])} "
+                                  "decoding step(s) x row(s) of the rollout")
         if not keep_greedy_answers:  # only evaluation shows them
             exp.pop("greedy_input_ids", None)
         if score_policy:  # else the update forward scores the policy and estimates advantages
@@ -259,6 +224,10 @@ class PolicyTrainer:
         """One sampled and one greedy answer per prompt, scored, for every algorithm's evaluation.
         Returns (experience, stats) as `generate_experience` without advantages and critic."""
         exp, stats, _ = self._experience(prompts, prompt_mask, 1, True, with_critic=False)
+        bad = self.nonfinite_logits.pop()
+        if bad:
+            print(f"[warning] rank {get_rank()}: non-finite logits in {bad} decoding step(s) x "
+                  "row(s) of an evaluation batch; those answers were ended with EOS", flush=True)
         return exp, stats
 
     @torch.no_grad()

@@ -108,6 +108,7 @@ def stage_parser():
     (["--only_optimize_lora"], "--only_optimize_lora needs --lora_dim > 0"),
     (["--lora_dim", "-1"], "--lora_dim must be >= 0"),
     (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1"),
+    (["--offload"], "--offload needs --zero_stage 1, 2 or 3: at ZeRO 0"),
 ])
 def test_finish_one_line_per_bad_flag(capsys, monkeypatch, argv, needle):
     monkeypatch.delenv("RANK", raising=False)
@@ -622,6 +623,19 @@ def test_stage3_frozen_model_stage_through_the_launcher(tiny_opt_path, preferenc
     assert_one_error_line(*launch(3, remax(tiny_opt_path, tiny_opt_path, preference_data, out,
                                            "--offload_reward_model")), out,
                           "--offload_reward_model needs --reward_zero_stage 3")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra,needle", [
+    (["--offload", "--actor_zero_stage", "0"], "--offload needs --actor_zero_stage 1, 2 or 3"),
+    (["--offload", "--algo", "ppo"], "--offload with --algo ppo needs --critic_zero_stage 1, 2 or 3"),
+], ids=["actor-zero0", "critic-zero0"])
+def test_stage3_offload_at_zero0_through_the_launcher(extra, needle, tiny_opt_path, preference_data,
+                                                       tmp_path):
+    out = str(tmp_path / "out")
+    # the later --actor_zero_stage wins over remax()'s 2
+    assert_one_error_line(*launch(3, remax(tiny_opt_path, tiny_opt_path, preference_data, out,
+                                           *extra)), out, needle)
 
 
 @pytest.mark.slow

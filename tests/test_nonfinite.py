@@ -203,3 +203,26 @@ def test_stage3_two_ranks_zero3_skips_the_update_on_both_ranks(sft_opt, reward_o
     assert [r["train/nonfinite_skipped"] for r in records if "train/nonfinite_skipped" in r] == [1]
     # --test_stop_step 4 counts applied updates: the skipped one is made up for
     assert len([r for r in records if "train/reward" in r]) == 5
+
+
+@pytest.mark.slow
+def test_stage3_non_finite_logits_while_sampling_skip_the_update_on_both_ranks(
+        sft_opt, reward_opt, preference_data, tmp_path):
+    """An +inf logit in rank 1's rollout of update 1 (the hidden --debug_nan_logits): the row is
+    ended with EOS instead of reaching torch.multinomial (a device-side assert on CUDA), and the
+    update is skipped on every rank through the non-finite path."""
+    out = str(tmp_path / "out")
+    log = run_stage(3, remax_args(sft_opt, reward_opt, preference_data, out, 3, 3, 3, 1,
+                                  extra=["--save_steps", 1, "--debug_nan_logits", "1@1"]), num_gpus=2)
+    assert log.count("update 1, rank 1: non-finite logits in 1 decoding step(s)") == 1
+    assert log.count("non-finite actor loss on 1 rank(s)") == 1
+    assert_same_weights(checkpoint_weights(out, 1, "actor"), checkpoint_weights(out, 2, "actor"))
+    assert_different_weights(checkpoint_weights(out, 2, "actor"), checkpoint_weights(out, 3, "actor"))
+    records = read_metrics(out)
+    assert [r["train/nonfinite_skipped"] for r in records if "train/nonfinite_skipped" in r] == [1]
+    rows = [r["train/nonfinite_logit_rows"] for r in records if "train/nonfinite_logit_rows" in r]
+    assert rows[1] == 0.5 and sum(rows) == 0.5     # mean over 2 ranks of 1 and 0
+    # "does it fit": the fullest rank's whole-run peak, never below the ranks' mean peak
+    steps = [r for r in records if "train/reward" in r]
+    assert all(r["train/max_rank_reserved_peak_mib"] >= r["train/process_peak_mib"] > 0
+               for r in steps)

@@ -300,7 +300,7 @@ def test_fused_sampler_has_the_distribution_of_hf_top_k_top_p_warpers():
     probabilities equal HF's TopK(50) + TopP(0.9) warpers' distribution; its draws follow it."""
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-    from trainer import TopKTopPSampler
+    from sampling import TopKTopPSampler
 
     torch.manual_seed(5)
     logits = torch.randn(6, 300) * torch.tensor([0.1, 0.5, 1.0, 2.0, 4.0, 8.0])[:, None]

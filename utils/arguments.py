@@ -191,6 +191,19 @@ def check_frozen_model_stages(args):
                             f"ZeRO-3 feature; at stage {stage} nothing would be offloaded)")
 
 
+def check_offload_stage(args):
+    """--offload (ZeRO-Offload: optimizer states on the CPU, stepped by DeepSpeedCPUAdam) needs
+    ZeRO 1-3 for the trained model: at ZeRO 0 DeepSpeed keeps the parameters and the optimizer on
+    the accelerator, and CPU Adam asserts at the first step."""
+    if not getattr(args, "offload", False):
+        return
+    for stage_flag in ("zero_stage", "actor_zero_stage"):
+        if getattr(args, stage_flag, None) == 0:
+            raise UserError(f"--offload needs --{stage_flag} 1, 2 or 3: at ZeRO 0 DeepSpeed keeps "
+                            f"the optimizer on the accelerator, where the CPU Adam that --offload "
+                            f"picks fails at the first step")
+
+
 def check_rollout_batches(args):
     """Stage 3, once --num_samples_per_prompt is known: each generation batch's experience (prompts
     × samples rows) is cut into micro-batches of --per_device_training_batch_size, so that must
@@ -216,13 +229,14 @@ def check_rollout_batches(args):
 
 def check_common_args(args, phase=None):
     """Every flag check that needs no file: --data_split, sizes that must be positive, LoRA flags
-    without a dim, frozen-model ZeRO stages. `phase`: the stage's part of --data_split."""
+    without a dim, frozen-model ZeRO stages, --offload at ZeRO 0. `phase`: the stage's part of --data_split."""
     if hasattr(args, "data_split"):
         check_data_split(args, phase)
     _check_at_least(args, ("per_device_train_batch_size", "per_device_eval_batch_size",
                            "gradient_accumulation_steps", "max_seq_len"))
     check_lora_args(args)
     check_frozen_model_stages(args)
+    check_offload_stage(args)
     if hasattr(args, "max_nonfinite_updates"):
         _check_at_least(args, ("max_nonfinite_updates",))
         parse_debug_nan_loss(args.debug_nan_loss)

@@ -74,14 +74,23 @@ class NonFiniteUpdates:
         self.rank = get_rank()
         self._windows = {}              # id(engine) -> _Window of its current accumulation window
         self._outcome = set()
+        self._poisoned = False          # this rank's current update is unusable (see poison)
 
     def begin_update(self, update):
-        self.update, self._outcome = update, set()
+        self.update, self._outcome, self._poisoned = update, set(), False
+
+    def poison(self, reason):
+        """This rank's part of the current update is unusable (e.g. non-finite logits while
+        decoding): its every loss counts as non-finite, so the update is skipped on every rank
+        like one with a NaN loss. Prints `reason` with the rank (other ranks may be healthy)."""
+        print(f"[warning] update {self.update}, rank {self.rank}: {reason}; the update is "
+              "skipped on every rank", flush=True)
+        self._poisoned = True
 
     def agree(self, loss):
-        """The loss to backward: this one, or NaN on every rank when any rank's is non-finite.
-        Returns (loss, number of ranks whose loss was non-finite)."""
-        if (self.update, self.rank) in self.inject:
+        """The loss to backward: this one, or NaN on every rank when any rank's is non-finite
+        (or poisoned). Returns (loss, number of ranks whose loss was non-finite)."""
+        if (self.update, self.rank) in self.inject or self._poisoned:
             loss = loss * float("nan")
         bad_ranks = int(all_reduce_sum([0.0 if math.isfinite(loss.item()) else 1.0])[0])
         return (loss * float("nan") if bad_ranks else loss), bad_ranks

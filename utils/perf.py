@@ -100,6 +100,17 @@ def process_peak_mib():
     return max(_EARLIER_PEAKS["rss_mib"], _vm_hwm_mib())
 
 
+def run_reserved_peak_mib():
+    """"Does it fit": the most memory this process held at once over the whole run so far (MiB):
+    on a GPU the CUDA allocator's peak reserved bytes (allocated + its cache: what the device
+    must have), on the CPU the process's peak resident set."""
+    import torch
+
+    if _on_cuda():
+        return max(_EARLIER_PEAKS["cuda_reserved"], torch.cuda.max_memory_reserved()) / 2 ** 20
+    return process_peak_mib()
+
+
 def _vm_hwm_mib():
     return _proc_status_mib("VmHWM:")
 
