@@ -2,7 +2,8 @@
 import os
 import sys
 
-# Nothing in the tests may reach the network; DeepSpeed runs on the CPU accelerator.
+# Nothing in the tests may reach the network (but the `network`-marked GPU-install resolution of
+# tests/test_gpu_install.py, which reads PyPI metadata); DeepSpeed runs on the CPU accelerator.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
