@@ -1,19 +1,25 @@
-"""GPU smoke run: every stage on tiny OPT- and Llama-shaped models, a few steps each, one table.
+"""GPU smoke run: what the recipes do, on tiny OPT- and Llama-shaped models, a few steps each, one table.
 
-    bash scripts/gpu_smoke.sh                 # about 5 minutes on one GPU (less with a warm JIT cache)
+    bash scripts/gpu_smoke.sh                 # about 5 minutes on a warm node (JIT ops cached)
     bash scripts/gpu_smoke.sh --dry-run       # print the commands, run nothing (no GPU needed)
-    bash scripts/gpu_smoke.sh --only s3-opt-remax-he-on,he-probe-opt --workdir /tmp/smoke
+    bash scripts/gpu_smoke.sh --build-only    # only build the ops a cold node lacks, then stop
+    bash scripts/gpu_smoke.sh --only s3-opt-remax-fp16,he-probe-opt --workdir /tmp/smoke
 
 The models (random weights, the project's tiny tokenizers) and the synthetic preference data are built
-here from a config: nothing is downloaded. Each case runs through the deepspeed launcher on one GPU
-into its own fresh output directory, and the table gives per case: pass / fail / env-missing / skip,
-seconds per training step (the median of the step latencies the stage logs), peak GPU memory (PyTorch's
-allocator in the case's process, via scripts/peak_memory.py) and the hybrid-engine check's verdict.
+here from a config: nothing is downloaded. First the DeepSpeed ops the selected cases need (FusedAdam,
+CPU Adam, the inference kernels) are built once, each in a child process with its own timeout and
+timed (a cold node's JIT builds; not charged to --budget-s). Then each case runs through the deepspeed
+launcher on one GPU (two for the -2gpu case, skipped on a one-GPU node) into its own fresh output
+directory, and is judged from what it wrote to <out>/metrics.jsonl. The table gives per case:
+pass / fail / env-missing / skip, seconds per training step, peak GPU memory (PyTorch's allocator,
+the largest over the case's ranks, via scripts/peak_memory.py) and the hybrid-engine check's verdict.
 Exit status 1 when any case failed; env-missing (no CUDA, no nvcc/ninja/compiler, a Python package
-missing) is not a failure unless --strict. docs/gpu.md says how to read the table.
+missing, an op that does not build) is not a failure unless --strict. docs/gpu.md says how to read it.
 """
 import argparse
+import glob
 import json
+import math
 import os
 import re
 import shlex
@@ -24,17 +30,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+STAGE1 = "step1_supervised_finetuning/main.py"
+STAGE2 = "step2_reward_model_finetuning/main.py"
 STAGE3 = "step3_rlhf_finetuning/main.py"
 PEAK_MEMORY = "scripts/peak_memory.py"
 PROBE = "scripts/hybrid_engine_probe.py"
 PASS, FAIL, ENV_MISSING, SKIP = "pass", "fail", "env-missing", "skip"
-DEFAULT_BUDGET_S = 290  # the whole run stays under 5 minutes: no case starts after this
+DEFAULT_BUDGET_S = 290  # the cases stay under 5 minutes: no case starts after this (op builds aside)
+DEFAULT_BUILD_TIMEOUT_S = 900  # per op; a cold build of the inference kernels takes minutes
 
 # Smoke-model shape: head size 64 as in the real OPT/Llama, so DeepSpeed's kernels see usual shapes.
 MODEL_SHAPE = {"vocab_size": 512, "hidden_size": 256, "num_layers": 2, "num_heads": 4}
@@ -48,9 +57,15 @@ BASE_MODULES = ("torch", "transformers", "accelerate", "tokenizers", "safetensor
                 "huggingface_hub", "tqdm", "numpy", "packaging")
 PIP_NAMES = {"cpuinfo": "py-cpuinfo", "yaml": "pyyaml", "huggingface_hub": "huggingface-hub"}
 PROJECT_PACKAGES = ("utils", "evaluation", "rlhf_engine", "remax_trainer", "train_state", "trainer",
-                    "algorithms", "rl_math", "rounds", "remax_math")
+                    "algorithms", "rl_math", "rounds", "remax_math", "sampling")
 
-# Every training case but the offloaded one steps FusedAdam; ZeRO-Offload steps DeepSpeedCPUAdam.
+# The JIT-built ops the cases use, in build order, and DeepSpeed's builder class of each (the CUDA
+# accelerator hands out the CPU builder for cpu_adam: it is host code, compiled without nvcc).
+OP_BUILDERS = {"fused_adam": "FusedAdamBuilder", "cpu_adam": "CPUAdamBuilder",
+               "transformer_inference": "InferenceBuilder"}
+CPU_OPS = {"cpu_adam"}
+
+# Stage 1 and 2 at smoke sizes (the recipes' schedule and flags, few steps).
 SFT_ARGS = ("--data_path", "{data}", "--data_split", "2,4,4", "--data_output_path", "{cache}",
             "--output_dir", "{out}", "--max_seq_len", "64", "--per_device_train_batch_size", "8",
             "--per_device_eval_batch_size", "8", "--learning_rate", "1e-3", "--weight_decay", "0.",
@@ -60,29 +75,52 @@ REWARD_ARGS = SFT_ARGS[:SFT_ARGS.index("--learning_rate")] + (
     "--learning_rate", "1e-4", "--weight_decay", "0.1", "--num_train_epochs", "1",
     "--lr_scheduler_type", "cosine", "--num_warmup_steps", "0", "--gradient_checkpointing",
     "--evals_per_epoch", "1", "--print_loss", "--deepspeed")
-# The stage-3 recipes' flags (step3_rlhf_finetuning/training_scripts/*), at smoke sizes.
-REMAX_ARGS = ("--data_path", "{data}", "--data_split", "2,4,4", "--data_output_path", "{cache}",
-              "--output_dir", "{out}", "--per_device_generation_batch_size", "4",
-              "--per_device_training_batch_size", "4", "--per_device_eval_batch_size", "4",
-              "--generation_batches", "1", "--ppo_epochs", "1", "--max_prompt_seq_len", "32",
-              "--max_answer_seq_len", "16", "--actor_learning_rate", "1e-6",
-              "--actor_weight_decay", "0.1", "--num_train_epochs", "1", "--lr_scheduler_type",
-              "cosine", "--gradient_accumulation_steps", "1", "--num_warmup_steps", "0",
-              "--kl_ctl", "0.05", "--gamma", "0.99", "--actor_gradient_checkpointing",
-              "--disable_actor_dropout", "--disable_reward_dropout", "--actor_zero_stage", "2",
-              "--reward_zero_stage", "3", "--reference_zero_stage", "3", "--seed", "2023",
-              "--print_answers", "--save_answers", "--eval_batches", "2", "--ppl_eval_batches", "2",
-              "--evals_per_epoch", "1", "--enable_test_mode", "--test_stop_step", "2", "--deepspeed")
+# Stage 3 at smoke sizes, every algorithm: two updates (--test_stop_step 2), an evaluation before and
+# after them, no warm-up (the PPO recipes' 100 warm-up steps would leave the two updates at lr ~0).
+STAGE3_ARGS = ("--data_path", "{data}", "--data_split", "2,4,4", "--data_output_path", "{cache}",
+               "--output_dir", "{out}", "--per_device_generation_batch_size", "4",
+               "--per_device_training_batch_size", "4", "--per_device_eval_batch_size", "4",
+               "--generation_batches", "1", "--ppo_epochs", "1", "--max_prompt_seq_len", "32",
+               "--max_answer_seq_len", "16", "--num_train_epochs", "1", "--lr_scheduler_type",
+               "cosine", "--gradient_accumulation_steps", "1", "--num_warmup_steps", "0",
+               "--seed", "2023", "--eval_batches", "2", "--ppl_eval_batches", "2",
+               "--evals_per_epoch", "1", "--enable_test_mode", "--test_stop_step", "2", "--deepspeed")
+# The flags of step3_rlhf_finetuning/training_scripts/*/run_*.sh (sizes and paths aside).
+REMAX_RECIPE = ("--actor_learning_rate", "1e-6", "--actor_weight_decay", "0.1", "--kl_ctl", "0.05",
+                "--gamma", "0.99", "--actor_gradient_checkpointing", "--disable_actor_dropout",
+                "--disable_reward_dropout", "--actor_zero_stage", "2", "--reward_zero_stage", "3",
+                "--reference_zero_stage", "3", "--enable_hybrid_engine", "--print_answers",
+                "--save_answers")
 OPT_REMAX_ARGS = ("--actor_model_name_or_path", "{outs[s1-opt-fp16-z2]}",
                   "--reward_model_name_or_path", "{outs[s2-opt-fp16-z2]}",
-                  "--num_padding_at_beginning", "1") + REMAX_ARGS
-LLAMA_REMAX_ARGS = ("--actor_model_name_or_path", "{outs[s1-llama-bf16-z3]}",
-                    "--reward_model_name_or_path", "{outs[s2-llama-bf16-z3]}",
-                    "--num_padding_at_beginning", "0") + REMAX_ARGS + (
+                  "--num_padding_at_beginning", "1") + STAGE3_ARGS + REMAX_RECIPE
+LLAMA_REMAX_ARGS = ("--actor_model_name_or_path", "{outs[s1-llama-fp16-z2-offload]}",
+                    "--reward_model_name_or_path", "{outs[s2-llama-fp16-z2]}",
+                    "--num_padding_at_beginning", "0") + STAGE3_ARGS + REMAX_RECIPE + (
     "--offload", "--offload_reference_model", "--offload_reward_model", "--actor_bf16",
-    "--reward_bf16", "--enable_hybrid_engine", "--save_at_final")
-# PPO's extra flags, passed only when stage 3's --help lists them: the critic starts from the reward model.
-PPO_OPTIONAL_ARGS = {"--critic_model_name_or_path": "{outs[s2-opt-fp16-z2]}", "--critic_zero_stage": "2"}
+    "--reward_bf16", "--save_at_final")
+PPO_RECIPE = ("--algo", "ppo", "--actor_learning_rate", "9.65e-6", "--critic_learning_rate", "5e-6",
+              "--disable_actor_dropout", "--enable_hybrid_engine")
+# Beyond the recipes, for what the smoke run checks: --save_at_final exports the actor, the EMA and
+# the critic whatever the eval reward did.
+OPT_PPO_ARGS = ("--actor_model_name_or_path", "{outs[s1-opt-fp16-z2]}",
+                "--reward_model_name_or_path", "{outs[s2-opt-fp16-z2]}",
+                "--critic_model_name_or_path", "{outs[s2-opt-fp16-z2]}",
+                "--num_padding_at_beginning", "1") + STAGE3_ARGS + PPO_RECIPE + (
+    "--actor_zero_stage", "2", "--critic_zero_stage", "2", "--reference_zero_stage", "0",
+    "--reward_zero_stage", "0", "--enable_ema", "--save_at_final")
+# The Llama PPO recipe, plus EMA (here under a ZeRO-3 actor, the EMA copy ZeRO-3 offloaded like the
+# reference) and an LM head in several chunks (0.05 MiB: 25 rows of the 512-token vocabulary), so
+# the chunk count is all-reduced and the chunks recomputed in the backward.
+LLAMA_PPO_ARGS = ("--actor_model_name_or_path", "{outs[s1-llama-fp16-z2-offload]}",
+                  "--reward_model_name_or_path", "{outs[s2-llama-fp16-z2]}",
+                  "--critic_model_name_or_path", "{outs[s2-llama-fp16-z2]}",
+                  "--num_padding_at_beginning", "0") + STAGE3_ARGS + PPO_RECIPE + (
+    "--actor_weight_decay", "0.1", "--critic_weight_decay", "0.1", "--actor_gradient_checkpointing",
+    "--critic_gradient_checkpointing", "--offload_reference_model", "--actor_zero_stage", "3",
+    "--critic_zero_stage", "3", "--reference_zero_stage", "3", "--reward_zero_stage", "3",
+    "--enable_ema", "--save_at_final", "--logit_chunk_mib", "0.05")
+PPO_OUTPUTS = ("actor/model.safetensors", "actor_ema/model.safetensors", "critic/config.json")
 
 
 @dataclass(frozen=True)
@@ -93,51 +131,39 @@ class Case:
     args: tuple
     family: str = "opt"
     launcher: bool = True
+    gpus: int = 1        # --num_gpus of the launcher; a case needing more than the node has is skipped
     ops: tuple = ()      # DeepSpeed ops it builds: fused_adam, cpu_adam, transformer_inference
     after: tuple = ()    # cases whose outputs it reads
-    hybrid: str = "-"    # "on": --enable_hybrid_engine; "off"; "forced": the probe; "-": n/a
-    expect: tuple = ()   # log text that shows the case exercised what it covers
-    algo: str = None     # an --algo that stage 3's --help must list, else the case is skipped
+    hybrid: str = "-"    # "on": --enable_hybrid_engine; "forced": the probe; "-": n/a
+    # Log text for what neither metrics.jsonl nor the outputs show: which optimizer stepped, the
+    # precision the engine trained in, and the output of the scripts that write no metrics.
+    expect: tuple = ()
+    outputs: tuple = ()  # files (under the case's output directory) the run must write
     timeout_s: int = 150
 
 
+def fp16_adam(optimizer="FusedAdam", precision="fp16"):
+    return (f"[optimizer] {optimizer}", f"[precision] training in {precision}")
+
+
 CASES = (
-    Case("s1-opt-fp16-z2", "stage 1 OPT, fp16, ZeRO 2, FusedAdam", "step1_supervised_finetuning/main.py",
+    Case("s1-opt-fp16-z2", "stage 1, the OPT recipe: fp16 (loss scaling), ZeRO 2, FusedAdam", STAGE1,
          ("--model_name_or_path", "{tiny_opt}", "--zero_stage", "2") + SFT_ARGS,
-         ops=("fused_adam",), expect=("[optimizer] FusedAdam", "[precision] training in fp16")),
-    Case("s1-llama-bf16-z3", "stage 1 Llama, bf16, ZeRO 3", "step1_supervised_finetuning/main.py",
-         ("--model_name_or_path", "{tiny_llama}", "--zero_stage", "3", "--bf16") + SFT_ARGS,
-         family="llama", ops=("fused_adam",),
-         expect=("[optimizer] FusedAdam", "[precision] training in bf16")),
-    Case("s2-opt-fp16-z2", "stage 2 OPT reward model, fp16, ZeRO 2",
-         "step2_reward_model_finetuning/main.py",
+         ops=("fused_adam",), expect=fp16_adam()),
+    Case("s1-llama-fp16-z2-offload",
+         "stage 1, the Llama-2 recipe: fp16, ZeRO 2 + offload (DeepSpeedCPUAdam)", STAGE1,
+         ("--model_name_or_path", "{tiny_llama}", "--zero_stage", "2", "--offload") + SFT_ARGS,
+         family="llama", ops=("cpu_adam",), expect=fp16_adam("DeepSpeedCPUAdam")),
+    Case("s2-opt-fp16-z2", "stage 2, the OPT recipe: reward model, fp16, ZeRO 2, FusedAdam", STAGE2,
          ("--model_name_or_path", "{outs[s1-opt-fp16-z2]}", "--num_padding_at_beginning", "1",
           "--zero_stage", "2") + REWARD_ARGS,
-         ops=("fused_adam",), after=("s1-opt-fp16-z2",),
-         expect=("[optimizer] FusedAdam", "[precision] training in fp16")),
-    Case("s2-llama-bf16-z3", "stage 2 Llama reward model, bf16, ZeRO 3 (the Llama stage 3's reward)",
-         "step2_reward_model_finetuning/main.py",
-         ("--model_name_or_path", "{outs[s1-llama-bf16-z3]}", "--num_padding_at_beginning", "0",
-          "--zero_stage", "3", "--bf16") + REWARD_ARGS,
-         family="llama", ops=("fused_adam",), after=("s1-llama-bf16-z3",),
-         expect=("[precision] training in bf16",)),
-    Case("s3-opt-remax-he-on", "stage 3 ReMax, the OPT recipe: actor ZeRO 2 fp16, hybrid engine on",
-         STAGE3, OPT_REMAX_ARGS + ("--enable_hybrid_engine",), ops=("fused_adam",),
-         after=("s1-opt-fp16-z2", "s2-opt-fp16-z2"), hybrid="on",
-         expect=("End-to-End => Latency", "[precision] training in fp16"), timeout_s=200),
-    Case("s3-opt-remax-he-off", "stage 3 ReMax, the OPT recipe with the hybrid engine off", STAGE3,
-         OPT_REMAX_ARGS, ops=("fused_adam",), after=("s1-opt-fp16-z2", "s2-opt-fp16-z2"),
-         hybrid="off", expect=("End-to-End => Latency", "[precision] training in fp16"),
-         timeout_s=200),
-    Case("s3-llama-remax-bf16-offload",
-         "stage 3 ReMax, the Llama-2 recipe: bf16, offload, reference and reward ZeRO 3 offloaded",
-         STAGE3, LLAMA_REMAX_ARGS, family="llama", ops=("cpu_adam",),
-         after=("s1-llama-bf16-z3", "s2-llama-bf16-z3"), hybrid="on",
-         expect=("End-to-End => Latency", "[optimizer] DeepSpeedCPUAdam",
-                 "[precision] training in bf16"), timeout_s=200),
-    Case("s3-opt-ppo", "stage 3 --algo ppo, the OPT recipe", STAGE3,
-         OPT_REMAX_ARGS + ("--enable_hybrid_engine", "--algo", "ppo"), ops=("fused_adam",),
-         after=("s1-opt-fp16-z2", "s2-opt-fp16-z2"), hybrid="on", algo="ppo", timeout_s=200),
+         ops=("fused_adam",), after=("s1-opt-fp16-z2",), expect=fp16_adam()),
+    Case("s2-llama-fp16-z2", "stage 2, the Llama-2 recipe: reward model, fp16, ZeRO 2, FusedAdam",
+         STAGE2,
+         ("--model_name_or_path", "{outs[s1-llama-fp16-z2-offload]}", "--num_padding_at_beginning",
+          "0", "--zero_stage", "2") + REWARD_ARGS,
+         family="llama", ops=("fused_adam",), after=("s1-llama-fp16-z2-offload",),
+         expect=fp16_adam()),
     Case("rw-eval-opt", "rw_eval.py on the stage-2 OPT output (fp16)",
          "step2_reward_model_finetuning/rw_eval.py",
          ("--model_name_or_path", "{outs[s2-opt-fp16-z2]}", "--num_padding_at_beginning", "1",
@@ -149,6 +175,27 @@ CASES = (
          ("--model_name_or_path_baseline", "{tiny_opt}", "--model_name_or_path_finetune",
           "{outs[s1-opt-fp16-z2]}", "--max_new_tokens", "16", "--seed", "1", "--dtype", "fp16"),
          launcher=False, after=("s1-opt-fp16-z2",), expect=("finetune: Greedy",), timeout_s=90),
+    Case("s3-opt-remax-fp16",
+         "stage 3 ReMax, the OPT recipe: actor ZeRO 2 fp16, reference and reward ZeRO 3, hybrid engine on",
+         STAGE3, OPT_REMAX_ARGS, ops=("fused_adam",), after=("s1-opt-fp16-z2", "s2-opt-fp16-z2"),
+         hybrid="on", expect=fp16_adam(), timeout_s=200),
+    Case("s3-opt-ppo-fp16-ema",
+         "stage 3 PPO, the OPT PPO recipe: actor and critic ZeRO 2 fp16, reference and reward ZeRO 0, "
+         "EMA, hybrid engine on", STAGE3, OPT_PPO_ARGS, ops=("fused_adam",),
+         after=("s1-opt-fp16-z2", "s2-opt-fp16-z2"), hybrid="on", expect=fp16_adam(),
+         outputs=PPO_OUTPUTS, timeout_s=200),
+    Case("s3-llama-remax-bf16-offload",
+         "stage 3 ReMax, the Llama-2 recipe: bf16, actor offloaded (DeepSpeedCPUAdam), reference and "
+         "reward ZeRO 3 offloaded, hybrid engine on", STAGE3, LLAMA_REMAX_ARGS, family="llama",
+         ops=("cpu_adam",), after=("s1-llama-fp16-z2-offload", "s2-llama-fp16-z2"), hybrid="on",
+         expect=fp16_adam("DeepSpeedCPUAdam", "bf16"), outputs=("actor/model.safetensors",),
+         timeout_s=200),
+    Case("s3-llama-ppo-fp16-z3-ema",
+         "stage 3 PPO, the Llama-2 PPO recipe: fp16, actor, critic, reference and reward ZeRO 3 "
+         "(reference offloaded), + EMA under the ZeRO-3 actor, LM head in chunks, hybrid engine on",
+         STAGE3, LLAMA_PPO_ARGS, family="llama", ops=("fused_adam",),
+         after=("s1-llama-fp16-z2-offload", "s2-llama-fp16-z2"), hybrid="on", expect=fp16_adam(),
+         outputs=PPO_OUTPUTS, timeout_s=200),
     Case("he-probe-opt", "hybrid engine forced on the tiny OPT (fp16): greedy vs the HF path", PROBE,
          ("--model", "{tiny_opt}", "--precision", "fp16"), ops=("transformer_inference",),
          hybrid="forced", expect=("HYBRID_ENGINE_PROBE",), timeout_s=240),
@@ -156,6 +203,13 @@ CASES = (
          PROBE, ("--model", "{tiny_llama}", "--precision", "bf16"), family="llama",
          ops=("transformer_inference",), hybrid="forced", expect=("HYBRID_ENGINE_PROBE",),
          timeout_s=240),
+    # Last: on a one-GPU node it is skipped at once; on a larger one the time budget cuts it first.
+    Case("s3-llama-ppo-fp16-z3-ema-2gpu",
+         "s3-llama-ppo-fp16-z3-ema on 2 GPUs: NCCL all_gather_object (preflight), the chunk-count "
+         "all-reduce, synced_gpus generation under the ZeRO-3 actor, ZeRO-3 partitions across ranks",
+         STAGE3, LLAMA_PPO_ARGS, family="llama", gpus=2, ops=("fused_adam",),
+         after=("s1-llama-fp16-z2-offload", "s2-llama-fp16-z2"), hybrid="on", expect=fp16_adam(),
+         outputs=PPO_OUTPUTS, timeout_s=240),
 )
 CASE_NAMES = tuple(case.name for case in CASES)
 
@@ -185,45 +239,27 @@ def run_paths(workdir, run_dir):
             "out": {name: os.path.join(run_dir, name) for name in CASE_NAMES}}
 
 
-def case_command(case, paths, port, extra_args=()):
-    """argv of `case`: under the deepspeed launcher (one GPU) or plain python, via peak_memory.py.
+def case_command(case, paths, port):
+    """argv of `case`: under the deepspeed launcher (`case.gpus` GPUs) or plain python, via
+    peak_memory.py.
 
     Argument templates name {out} / {cache} (the case's own), {outs[<case>]} (another case's
     output), {data}, {tiny_opt} and {tiny_llama}."""
     fields = {"out": paths["out"][case.name], "cache": os.path.join(paths["run"], "cache", case.name),
               "outs": paths["out"], "data": paths["data"], "tiny_opt": paths["tiny_opt"],
               "tiny_llama": paths["tiny_llama"]}
-    args = [a.format(**fields) for a in case.args + tuple(extra_args)]
+    args = [a.format(**fields) for a in case.args]
     if case.launcher:
-        prefix = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1",
+        prefix = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(case.gpus),
                   "--master_port", str(port)]
     else:
         prefix = [sys.executable]
     return prefix + [PEAK_MEMORY, case.script] + args
 
 
-def stage3_help():
-    """(returncode, text) of `python step3_rlhf_finetuning/main.py --help`."""
-    proc = subprocess.run([sys.executable, STAGE3, "--help"], cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=180, env=child_env({}))
-    return proc.returncode, proc.stdout
-
-
-def algo_choices(help_text):
-    """The --algo choices a --help text lists ([] when there is no such option)."""
-    match = re.search(r"--algo\s+\{([^}]*)\}", help_text)
-    return [c.strip() for c in match.group(1).split(",")] if match else []
-
-
-def algo_extra_args(case, help_text):
-    """The optional flags of `case`'s algorithm that this stage 3 accepts."""
-    if case.algo != "ppo":
-        return ()
-    extra = ()
-    for flag, value in PPO_OPTIONAL_ARGS.items():
-        if re.search(rf"{re.escape(flag)}\b", help_text):
-            extra += (flag, value)
-    return extra
+def build_command(op):
+    """argv of the child process that builds (or loads from the JIT cache) one DeepSpeed op."""
+    return [sys.executable, "scripts/gpu_smoke.py", "--build-op", op]
 
 
 # ------------------------------------------------------------------------------ the environment
@@ -244,6 +280,7 @@ def probe_environment():
     report["torch"] = torch.__version__
     report["torch_cuda"] = torch.version.cuda
     report["cuda"] = torch.cuda.is_available()
+    report["gpu_count"] = torch.cuda.device_count() if report["cuda"] else 0
     if report["cuda"]:
         report["gpu"] = torch.cuda.get_device_name(0)
         report["capability"] = "%d.%d" % torch.cuda.get_device_capability(0)
@@ -317,6 +354,14 @@ def ops_needed(case, env):
     return ops
 
 
+def gpu_shortage(case, env):
+    """The skip note of a case that needs more GPUs than the node has, or None."""
+    have = env.get("gpu_count", 1)
+    if case.gpus > have:
+        return f"needs {case.gpus} GPUs, the node has {have}"
+    return None
+
+
 def env_missing_reason(case, env):
     """Why `case` cannot run on this machine, or None."""
     missing = env.get("missing_modules", [])
@@ -335,13 +380,129 @@ def env_missing_reason(case, env):
         lacks.append("ninja")
     if not env.get("cxx"):
         lacks.append("a C++ compiler")
-    cuda_ops = to_build - {"cpu_adam"}
+    cuda_ops = to_build - CPU_OPS
     if cuda_ops and not env.get("nvcc"):
         lacks.append("nvcc (a CUDA toolkit; CUDA_HOME)")
     if lacks:
         return f"cannot build {', '.join(sorted(to_build))}: no {', no '.join(lacks)}"
     if cuda_ops and env.get("cuda_mismatch"):
         return f"cannot build {', '.join(sorted(cuda_ops))}: {env['cuda_mismatch']}"
+    return None
+
+
+# ------------------------------------------------------------------------------ the op builds
+# DeepSpeed JIT-builds an op the first time a process loads it (minutes on a cold node, the inference
+# kernels the longest) and caches it under ~/.cache/torch_extensions ($TORCH_EXTENSIONS_DIR). Built
+# here once, before the cases, each in a child with the cases' environment (DS_ACCELERATOR,
+# TORCH_CUDA_ARCH_LIST: the same flags, so the cases load the cached build) and its own timeout:
+# a build neither eats a case's timeout nor races between the ranks of a 2-GPU case.
+
+BUILD_PREFIX = "SMOKE_BUILD "
+BUILT, CACHED, BUILD_FAILED, BUILD_TIMED_OUT = "built", "cached", "failed", "timed out"
+
+
+@dataclass
+class Build:
+    op: str
+    status: str          # built (JIT-compiled now), cached (loaded from the JIT cache), failed, timed out
+    seconds: float = None
+    note: str = ""
+
+
+def jit_cache_has(name):
+    """Whether torch's JIT cache already holds a build of `name` (None when it cannot tell)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return os.path.exists(os.path.join(_get_build_directory(name, verbose=False), name + ".so"))
+    except Exception:  # noqa: BLE001 - a private helper of torch; only for the label
+        return None
+
+
+def build_op(op):
+    """In the child (`--build-op`): load `op` through DeepSpeed's builder, which JIT-builds it when
+    it is not cached; prints one BUILD_PREFIX line of JSON. Exit status 0 when it loaded."""
+    report = {"op": op}
+    start = time.time()
+    try:
+        from deepspeed.accelerator import get_accelerator
+
+        builder = get_accelerator().create_op_builder(OP_BUILDERS[op])
+        if builder is None:
+            raise RuntimeError(f"the {get_accelerator().device_name()} accelerator has no "
+                               f"{OP_BUILDERS[op]}")
+        report["cached_before"] = jit_cache_has(builder.name)
+        builder.load(verbose=True)
+        report["ok"] = True
+    except Exception as err:  # noqa: BLE001 - reported to the parent, which marks the cases
+        report.update(ok=False, error=f"{type(err).__name__}: {err}"[:500])
+    report["seconds"] = round(time.time() - start, 1)
+    print(BUILD_PREFIX + json.dumps(report), flush=True)
+    return 0 if report["ok"] else 1
+
+
+def ops_to_build(planned, env):
+    """The ops, in build order, that the cases about to run need and the install does not ship."""
+    prebuilt = set(env.get("prebuilt_ops", []))
+    needed = set()
+    for case, _, skip in planned:
+        if skip or env_missing_reason(case, env) or gpu_shortage(case, env):
+            continue
+        needed |= ops_needed(case, env) - prebuilt
+    return [op for op in OP_BUILDERS if op in needed]
+
+
+def build_result(op, returncode, log, seconds, timed_out, timeout_s):
+    """The Build of one child's run."""
+    if timed_out:
+        return Build(op, BUILD_TIMED_OUT, seconds,
+                     f"not built in {timeout_s:.0f}s; raise --build-timeout-s or rerun (ninja keeps "
+                     "what it compiled)")
+    lines = [line for line in log.splitlines() if line.startswith(BUILD_PREFIX)]
+    try:
+        report = json.loads(lines[-1][len(BUILD_PREFIX):]) if lines else {}
+    except ValueError:
+        report = {}
+    if returncode == 0 and report.get("ok"):
+        return Build(op, CACHED if report.get("cached_before") else BUILT, seconds)
+    reason = report.get("error") or env_failure(log) or f"exit status {returncode}"
+    return Build(op, BUILD_FAILED, seconds, reason)
+
+
+def build_ops(ops, paths, env_extra, timeout_s):
+    """Build each op in its own child; {op: Build}. Prints one line per op as it finishes."""
+    builds = {}
+    for op in ops:
+        log_path = os.path.join(paths["run"], "logs", f"build-{op}.log")
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        print(f"[build] {op}: building or loading (timeout {timeout_s:.0f}s) ...", flush=True)
+        returncode, log, seconds, timed_out = run_logged(build_command(op), log_path,
+                                                         child_env(env_extra), timeout_s)
+        builds[op] = build_result(op, returncode, log, seconds, timed_out, timeout_s)
+        print(format_build(builds[op]), flush=True)
+    return builds
+
+
+def format_build(build):
+    """The build line, e.g. `[build] fused_adam: built in 47s (JIT build, now cached)`."""
+    what = {BUILT: "built in {s:.0f}s (JIT build, now cached)",
+            CACHED: "loaded from the JIT cache in {s:.0f}s",
+            BUILD_FAILED: "failed after {s:.0f}s",
+            BUILD_TIMED_OUT: "timed out after {s:.0f}s"}[build.status]
+    line = f"[build] {build.op}: " + what.format(s=build.seconds or 0)
+    return line + (f": {build.note}" if build.note else "")
+
+
+def build_problem(case, env, builds):
+    """(status, note) of a case one of whose ops did not build, or None."""
+    for op in sorted(ops_needed(case, env)):
+        build = builds.get(op)
+        if build is None or build.status in (BUILT, CACHED):
+            continue
+        where = f"logs/build-{op}.log"
+        if build.status == BUILD_TIMED_OUT:
+            return SKIP, f"the {op} build did not finish: {build.note} ({where})"
+        return ENV_MISSING, f"building {op} failed: {build.note} ({where})"
     return None
 
 
@@ -359,12 +520,141 @@ HYBRID_ENGINE_ON = re.compile(r"hybrid_engine \.+ enabled=True")
 PROBE_PREFIX = "HYBRID_ENGINE_PROBE "
 
 
-def seconds_per_step(log):
-    """Median step latency the stage logged (the first step, with its warm-up, left out), or None."""
-    values = [float(v) for v in STEP_LATENCY.findall(log)]
+def seconds_per_step(log, records=None):
+    """Median step latency (the first step, with its warm-up, left out), or None: stage 3's
+    `train/e2e_seconds` from its metrics, else the latencies a stage printed (stage 1/2
+    `--print_loss` lines)."""
+    values = [r["train/e2e_seconds"] for r in records or () if is_finite(r.get("train/e2e_seconds"))]
+    if not values:
+        values = [float(v) for v in STEP_LATENCY.findall(log)]
     if len(values) > 1:
         values = values[1:]
     return statistics.median(values) if values else None
+
+
+# A run is judged by what it recorded in <out>/metrics.jsonl (utils/training.py's MetricsLog, rank 0),
+# not by its log text: the records say whether training ran, how many updates and whether the numbers
+# are finite. Stages 1 and 2 log `Train/loss` per step and their evaluation (`Test/ppl`, `Test/loss`;
+# `Test/acc`, `Test/reward_score`, `Test/rejected_score`) before training and at the epoch's end;
+# stage 3 one `train/*` record per update (step 0, 1, ...), an `eval/*` record before training and
+# after it, and, for an update whose optimizer step was skipped, a record of the same step with the
+# cumulative `train/overflow_skipped` (fp16 loss scaling) and `train/nonfinite_skipped` counters.
+EVAL_KEYS = {1: ("Test/ppl",), 2: ("Test/acc", "Test/reward_score")}
+STAGES = {STAGE1: 1, STAGE2: 2, STAGE3: 3}
+
+
+def is_finite(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def case_flag(case, flag, default=None):
+    return case.args[case.args.index(flag) + 1] if flag in case.args else default
+
+
+def load_metrics(out_dir):
+    """(records of <out_dir>/metrics.jsonl, problem or None)."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None, "no metrics.jsonl in the output directory"
+    records = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))  # Python's json reads NaN and Infinity
+            except ValueError:
+                return None, f"metrics.jsonl line {number} is not JSON"
+    return records, None
+
+
+def bad_value(records, keys, what):
+    """The first record lacking one of `keys` or holding a non-finite one, as a problem text."""
+    for record in records:
+        for key in keys:
+            if not is_finite(record.get(key)):
+                value = "missing" if key not in record else record[key]
+                return f"{key} is {value} at {what} {record.get('step')}"
+    return None
+
+
+def supervised_metrics_problem(records, eval_keys, prefix="Train"):
+    """Stage 1/2: finite `Train/loss` at every step, every evaluation finite in `eval_keys`, one
+    evaluation after the last step, no update skipped for a non-finite loss; problem or None."""
+    train = [r for r in records if f"{prefix}/loss" in r]
+    if not train:
+        return f"no {prefix}/loss record: no training step was logged"
+    problem = bad_value(train, (f"{prefix}/loss",), "step")
+    if problem:
+        return problem
+    nonfinite = max((r.get(f"{prefix}/nonfinite_skipped", 0) for r in records), default=0)
+    if nonfinite:
+        return f"{nonfinite} update(s) skipped for a non-finite loss"
+    evals = [r for r in records if any(key in r for key in eval_keys)]
+    if not evals:
+        return f"no evaluation ({', '.join(eval_keys)}) was logged"
+    problem = bad_value(evals, eval_keys, "step")
+    if problem:
+        return problem
+    if max(r["step"] for r in evals) < max(r["step"] for r in train):
+        return "no evaluation after the last training step"
+    return None
+
+
+def rlhf_metrics_problem(records, test_stop_step, critic):
+    """Stage 3 with --enable_test_mode: (problem or None, note). One training record per update, for
+    steps 0, 1, ... with none missing; `test_stop_step` of them applied (the test mode stops after
+    that many updates DeepSpeed did not skip; an fp16-overflow skip comes on top of them and is only
+    noted); finite `train/reward` and `train/actor_loss` (and `train/critic_loss` with a critic) in
+    each; no update skipped for a non-finite loss; every `eval/reward` finite, one after training."""
+    train = [r for r in records if "train/reward" in r or "train/actor_loss" in r]
+    if not train:
+        return "no train/reward record: no update was logged", ""
+    steps = [r.get("step") for r in train]
+    if steps != list(range(len(steps))):
+        numbered = [s for s in steps if isinstance(s, int)]
+        missing = sorted(set(range(max(numbered, default=-1) + 1)) - set(steps))
+        what = f"update {missing[0]} is missing" if missing else "an update is logged twice"
+        return f"training records for steps {steps}: {what}", ""
+    keys = ("train/reward", "train/actor_loss") + (("train/critic_loss",) if critic else ())
+    problem = bad_value(train, keys, "update")
+    if problem:
+        return problem, ""
+    skips = [r for r in records if "train/overflow_skipped" in r or "train/nonfinite_skipped" in r]
+    nonfinite = max((r.get("train/nonfinite_skipped", 0) for r in skips), default=0)
+    if nonfinite:
+        return f"{nonfinite} update(s) skipped for a non-finite loss", ""
+    skipped = {r.get("step") for r in skips}
+    applied = [s for s in steps if s not in skipped]
+    if len(applied) != test_stop_step:
+        return (f"{len(applied)} applied update(s) logged ({len(steps)} in all), "
+                f"--test_stop_step is {test_stop_step}"), ""
+    evals = [r for r in records if "eval/reward" in r]
+    if not evals:
+        return "no eval/reward record: no evaluation was logged", ""
+    problem = bad_value(evals, ("eval/reward",), "step")
+    if problem:
+        return problem, ""
+    if not any(r["step"] >= len(steps) for r in evals):
+        return "no evaluation after the last update", ""
+    overflow = len(steps) - len(applied)
+    return None, f"{len(applied)} updates" + (f" (+{overflow} skipped for fp16 overflow)" if overflow else "")
+
+
+def metrics_verdict(case, out_dir):
+    """(problem or None, note, records) of a finished training case from its metrics.jsonl;
+    (None, "", None) for a case that writes none (the eval scripts, the probes)."""
+    stage = STAGES.get(case.script)
+    if stage is None:
+        return None, "", None
+    records, problem = load_metrics(out_dir) if out_dir else (None, "no output directory")
+    if problem:
+        return problem, "", records
+    if stage == 3:
+        problem, note = rlhf_metrics_problem(records, int(case_flag(case, "--test_stop_step", 0)),
+                                             critic=case_flag(case, "--algo") == "ppo")
+        return problem, note, records
+    return supervised_metrics_problem(records, EVAL_KEYS[stage]), "", records
 
 
 def env_failure(log):
@@ -387,7 +677,7 @@ def hybrid_column(case, log, static):
     """(verdict text, problem or None) for the hybrid-engine column.
 
     static: [compatible, reason] of the check for the case's family, or None when unknown."""
-    if case.hybrid in ("-", "off"):
+    if case.hybrid == "-":
         return case.hybrid, None
     if case.hybrid == "forced":
         result = probe_result(log)
@@ -417,8 +707,13 @@ def hybrid_column(case, log, static):
     return "kernels on (check: compatible)", None
 
 
-def judge(case, returncode, log, static, timed_out=False, budget_stop=False):
-    """Result fields (status, hybrid column, note) of a finished case."""
+def judge(case, returncode, log, static, out_dir=None, timed_out=False, budget_stop=False):
+    """(status, hybrid column, note) of a finished case.
+
+    A training case passes on its metrics.jsonl (metrics_verdict) and the files it must write; the
+    log text is read only for what those cannot show: `case.expect` (the optimizer that stepped, the
+    precision line; the eval scripts' and the probes' output, which write no metrics) and the
+    hybrid-engine column (the fallback warning, the engine's config line)."""
     hybrid, problem = hybrid_column(case, log, static)
     if budget_stop:
         return SKIP, hybrid, f"stopped at the time budget; rerun with --only {case.name}"
@@ -434,12 +729,18 @@ def judge(case, returncode, log, static, timed_out=False, budget_stop=False):
         if reason:
             return ENV_MISSING, hybrid, reason
         return FAIL, hybrid, problem or f"exit status {returncode}"
+    metrics_problem, note, _ = metrics_verdict(case, out_dir)
+    if metrics_problem:
+        return FAIL, hybrid, f"metrics: {metrics_problem}"
+    absent = [p for p in case.outputs if not (out_dir and os.path.exists(os.path.join(out_dir, p)))]
+    if absent:
+        return FAIL, hybrid, f"no {absent[0]} in the output directory"
     missing = [text for text in case.expect if text not in log]
     if missing:
         return FAIL, hybrid, f"log lacks {missing[0]!r}"
     if problem:
         return FAIL, hybrid, problem
-    return PASS, hybrid, ""
+    return PASS, hybrid, note
 
 
 def exit_code(results, strict=False):
@@ -456,8 +757,9 @@ def format_memory(num_bytes):
     return "-" if num_bytes is None else f"{num_bytes / 2 ** 20:.0f} MiB"
 
 
-def format_table(results):
-    """The one table: case, result, s/step, peak GPU memory, hybrid-engine check, wall seconds, note."""
+def format_table(results, builds=None):
+    """The one table: case, result, s/step, peak GPU memory, hybrid-engine check, wall seconds, note;
+    then the counts and the op builds that ran before the cases."""
     header = ("case", "result", "s/step", "peak GPU mem", "hybrid engine", "wall s", "note")
     rows = [header]
     for r in results:
@@ -474,6 +776,9 @@ def format_table(results):
             lines.append("-+-".join("-" * w for w in widths) + "-+-" + "-" * 4)
     counts = {s: sum(r.status == s for r in results) for s in (PASS, FAIL, ENV_MISSING, SKIP)}
     lines.append(", ".join(f"{n} {s}" for s, n in counts.items()))
+    if builds:
+        lines.append("op builds, before the cases (not charged to --budget-s): " + "; ".join(
+            format_build(b)[len("[build] "):] for b in builds.values()))
     return "\n".join(lines)
 
 
@@ -513,13 +818,9 @@ def build_inputs(paths):
     return errors
 
 
-def run_case(case, command, paths, env_extra, timeout_s):
-    """(returncode, log, wall seconds, peak memory bytes, timed_out) of one case."""
-    log_path = os.path.join(paths["run"], "logs", f"{case.name}.log")
-    stats_path = os.path.join(paths["run"], "stats", f"{case.name}.json")
-    for directory in (os.path.dirname(log_path), os.path.dirname(stats_path), paths["out"][case.name]):
-        os.makedirs(directory, exist_ok=True)
-    env = child_env(dict(env_extra, SMOKE_STATS_FILE=stats_path))
+def run_logged(command, log_path, env, timeout_s):
+    """Run `command` in its own process group, output to `log_path`; on a timeout kill the group
+    (the launcher and every rank). (returncode, log text, seconds, timed_out)."""
     start = time.time()
     timed_out = False
     with open(log_path, "w") as log_file:
@@ -533,61 +834,90 @@ def run_case(case, command, paths, env_extra, timeout_s):
             timed_out = True
             os.killpg(proc.pid, 9)
             returncode = proc.wait()
-    wall = time.time() - start
+    seconds = time.time() - start
     with open(log_path, errors="replace") as f:
         log = f.read()
-    peak = None
-    if os.path.exists(stats_path):
-        with open(stats_path) as f:
-            peak = json.load(f).get("max_memory_allocated")
-    return returncode, log, wall, peak, timed_out
+    return returncode, log, seconds, timed_out
 
 
-def plan(selected, help_info, paths):
+def peak_memory_of(stats_path):
+    """The largest `max_memory_allocated` peak_memory.py wrote for the case: `stats_path` (rank 0,
+    or a single process) and `stats_path.rank<N>` (the other ranks); None when none was written."""
+    peaks = []
+    for path in [stats_path] + sorted(glob.glob(stats_path + ".rank*")):
+        try:
+            with open(path) as f:
+                value = json.load(f).get("max_memory_allocated")
+        except (OSError, ValueError):
+            continue
+        if value is not None:
+            peaks.append(value)
+    return max(peaks) if peaks else None
+
+
+def run_case(case, command, paths, env_extra, timeout_s):
+    """(returncode, log, wall seconds, peak memory bytes, timed_out) of one case."""
+    log_path = os.path.join(paths["run"], "logs", f"{case.name}.log")
+    stats_path = os.path.join(paths["run"], "stats", f"{case.name}.json")
+    for directory in (os.path.dirname(log_path), os.path.dirname(stats_path), paths["out"][case.name]):
+        os.makedirs(directory, exist_ok=True)
+    env = child_env(dict(env_extra, SMOKE_STATS_FILE=stats_path))
+    returncode, log, wall, timed_out = run_logged(command, log_path, env, timeout_s)
+    return returncode, log, wall, peak_memory_of(stats_path), timed_out
+
+
+def plan(selected, paths):
     """[(case, command or None, skip reason or None)] in run order."""
-    help_rc, help_text = help_info
-    choices = algo_choices(help_text) if help_rc == 0 else []
-    planned = []
-    for case in CASES:
-        if case.name not in selected:
-            continue
-        if case.algo and case.algo not in choices:
-            why = (f"stage 3 --help lists --algo choices {{{','.join(choices)}}}; {case.algo} not "
-                   "among them yet") if help_rc == 0 else f"stage 3 --help failed (exit {help_rc})"
-            planned.append((case, None, why))
-            continue
-        command = case_command(case, paths, free_port(), algo_extra_args(case, help_text))
-        planned.append((case, command, None))
-    return planned
+    return [(case, case_command(case, paths, free_port()), None)
+            for case in CASES if case.name in selected]
 
 
-def print_dry_run(planned, paths):
+def case_env_extra(env):
+    """What the cases and the op builds run with on top of this environment: the CUDA accelerator,
+    this GPU's architecture (the builds' flags, so the cases find the cached builds) and MAX_JOBS."""
+    extra = {"DS_ACCELERATOR": "cuda"}
+    if env.get("capability"):
+        extra["TORCH_CUDA_ARCH_LIST"] = os.environ.get("TORCH_CUDA_ARCH_LIST", env["capability"])
+    extra["MAX_JOBS"] = os.environ.get("MAX_JOBS", str(os.cpu_count() or 4))
+    return extra
+
+
+def budget_clock_start(start, builds):
+    """When the cases' --budget-s clock started: the op builds' time is not charged to it."""
+    return start + sum(b.seconds or 0 for b in (builds or {}).values())
+
+
+def print_dry_run(planned, paths, build_timeout_s=DEFAULT_BUILD_TIMEOUT_S):
     print(f"# gpu_smoke dry run: {len(planned)} cases, nothing is built or run")
     print(f"# environment check: {shlex.join([sys.executable, 'scripts/gpu_smoke.py', '--env-json'])}")
+    ops = [op for op in OP_BUILDERS if any(op in case.ops for case, _, skip in planned if not skip)]
+    print(f"# op builds, once, before the cases (not charged to --budget-s; each its own "
+          f"{build_timeout_s:.0f}s timeout; skipped for ops the install ships prebuilt): "
+          + "; ".join(shlex.join(build_command(op)) for op in ops)
+          + " (+ transformer_inference for a hybrid-engine case whose model the check passes)")
     print(f"# inputs: tiny OPT {paths['tiny_opt']}, tiny Llama {paths['tiny_llama']}, "
           f"data {paths['data']} (utils/model/tiny_models.py, utils/data/synthetic.py)")
     print(f"# child environment: DS_ACCELERATOR=cuda TORCH_CUDA_ARCH_LIST=<this GPU> "
           f"SMOKE_STATS_FILE={paths['run']}/stats/<case>.json; cwd {ROOT}")
     for case, command, skip in planned:
-        print(f"[{case.name}] {case.covers}")
+        gpus = f" [{case.gpus} GPUs; skipped on a node with fewer]" if case.gpus > 1 else ""
+        print(f"[{case.name}] {case.covers}{gpus}")
         print(f"  skip: {skip}" if skip else f"  {shlex.join(command)}")
 
 
 def print_environment(env):
-    keys = ("gpu", "capability", "torch", "torch_cuda", "nvcc", "nvcc_release", "ninja", "cxx",
-            "deepspeed", "prebuilt_ops", "missing_modules", "cuda_mismatch", "cuda_note")
+    keys = ("gpu", "gpu_count", "capability", "torch", "torch_cuda", "nvcc", "nvcc_release", "ninja",
+            "cxx", "deepspeed", "prebuilt_ops", "missing_modules", "cuda_mismatch", "cuda_note")
     print("environment: " + "; ".join(f"{k}={env[k]}" for k in keys if env.get(k) not in (None, [], "")))
     for family, (compatible, reason) in env.get("hybrid_check", {}).items():
         print(f"hybrid-engine check, {family}: {'compatible' if compatible else 'incompatible'}: {reason}")
 
 
-def run_all(planned, paths, env, budget_s, start):
-    """Run the planned cases in order (or say why not); [Result] in the same order."""
+def run_all(planned, paths, env, budget_s, start, builds=None):
+    """Run the planned cases in order (or say why not); [Result] in the same order. `builds`: the
+    op builds that ran before (a case whose op did not build is not started)."""
     results = {}
-    env_extra = {"DS_ACCELERATOR": "cuda"}
-    if env.get("capability"):
-        env_extra["TORCH_CUDA_ARCH_LIST"] = os.environ.get("TORCH_CUDA_ARCH_LIST", env["capability"])
-    env_extra["MAX_JOBS"] = os.environ.get("MAX_JOBS", str(os.cpu_count() or 4))
+    env_extra = case_env_extra(env)
     input_errors = None
     for case, command, skip in planned:
         if skip:
@@ -596,6 +926,14 @@ def run_all(planned, paths, env, budget_s, start):
         reason = env_missing_reason(case, env)
         if reason:
             results[case.name] = Result(case.name, ENV_MISSING, note=reason)
+            continue
+        shortage = gpu_shortage(case, env)
+        if shortage:
+            results[case.name] = Result(case.name, SKIP, note=shortage)
+            continue
+        not_built = build_problem(case, env, builds or {})
+        if not_built:
+            results[case.name] = Result(case.name, not_built[0], note=not_built[1])
             continue
         blocked = [d for d in case.after if d in results and results[d].status != PASS]
         if blocked:
@@ -620,11 +958,20 @@ def run_all(planned, paths, env, budget_s, start):
         print(f"[{case.name}] running (timeout {timeout:.0f}s) ...", flush=True)
         returncode, log, wall, peak, timed_out = run_case(case, command, paths, env_extra, timeout)
         budget_stop = timed_out and timeout < case.timeout_s
+        out_dir = paths["out"][case.name]
         status, hybrid, note = judge(case, returncode, log, env.get("hybrid_check", {}).get(case.family),
-                                     timed_out, budget_stop)
-        results[case.name] = Result(case.name, status, seconds_per_step(log), peak, hybrid, wall, note)
+                                     out_dir, timed_out, budget_stop)
+        records = metrics_verdict(case, out_dir)[2] if returncode == 0 else None
+        results[case.name] = Result(case.name, status, seconds_per_step(log, records), peak, hybrid,
+                                    wall, note)
         print(f"[{case.name}] {status} in {wall:.0f}s", flush=True)
     return [results[case.name] for case, _, _ in planned]
+
+
+def write_summary(path, env, builds, results, seconds):
+    with open(path, "w") as f:
+        json.dump({"environment": env, "builds": [asdict(b) for b in builds.values()],
+                   "results": [asdict(r) for r in results], "seconds": round(seconds, 1)}, f, indent=1)
 
 
 def parse_args(argv=None):
@@ -635,9 +982,16 @@ def parse_args(argv=None):
     parser.add_argument("--only", default=None,
                         help="Comma-separated case names (the cases they read from run too).")
     parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
-                        help="No case starts after this many seconds; a case still running at it is stopped.")
+                        help="No case starts after this many seconds (the op builds not counted); "
+                             "a case still running at it is stopped.")
+    parser.add_argument("--build-timeout-s", type=float, default=DEFAULT_BUILD_TIMEOUT_S,
+                        help="Timeout of each op build before the cases.")
+    parser.add_argument("--build-only", action="store_true",
+                        help="Only build the ops the selected cases need (a cold node's JIT cache), "
+                             "then stop: exit 0 when every one is built, 2 otherwise.")
     parser.add_argument("--strict", action="store_true", help="Exit 2 when a case is env-missing.")
     parser.add_argument("--env-json", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--build-op", choices=sorted(OP_BUILDERS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.only:
         unknown = [n for n in args.only.split(",") if n not in CASE_NAMES]
@@ -665,22 +1019,28 @@ def main(argv=None):
     if args.env_json:
         print(json.dumps(probe_environment()))
         return 0
+    if args.build_op:
+        return build_op(args.build_op)
     start = time.time()
     workdir = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="gpu-smoke-"))
     run_dir = os.path.join(workdir, "runs", time.strftime("%Y%m%d-%H%M%S"))  # fresh dirs every run
     paths = run_paths(workdir, run_dir)
-    selected = selected_cases(args.only)
-    needs_help = any(case.algo for case in CASES if case.name in selected)
-    planned = plan(selected, stage3_help() if needs_help else (0, ""), paths)
+    planned = plan(selected_cases(args.only), paths)
     if args.dry_run:
-        print_dry_run(planned, paths)
+        print_dry_run(planned, paths, args.build_timeout_s)
         return 0
     os.makedirs(run_dir, exist_ok=True)
     env = environment_report()
     print_environment(env)
-    results = run_all(planned, paths, env, args.budget_s, start)
+    builds = build_ops(ops_to_build(planned, env), paths, case_env_extra(env), args.build_timeout_s)
+    if args.build_only:
+        if not builds:
+            print("[build] nothing to build: the selected cases' ops are prebuilt, or the cases "
+                  "cannot run here (see the environment line)")
+        return 0 if all(b.status in (BUILT, CACHED) for b in builds.values()) else 2
+    results = run_all(planned, paths, env, args.budget_s, budget_clock_start(start, builds), builds)
     print()
-    print(format_table(results))
+    print(format_table(results, builds))
     failed = [r for r in results if r.status == FAIL]
     for r in failed:
         log_path = os.path.join(run_dir, "logs", r.case + ".log")
@@ -688,7 +1048,10 @@ def main(argv=None):
             print(f"\n--- {r.case}: {log_path} (last lines)")
             with open(log_path, errors="replace") as f:
                 print("".join(f.readlines()[-15:]).rstrip())
-    print(f"\nlogs and outputs: {run_dir} ({time.time() - start:.0f}s in all)")
+    seconds = time.time() - start
+    write_summary(os.path.join(run_dir, "summary.json"), env, builds, results, seconds)
+    print(f"\nlogs and outputs: {run_dir} ({seconds:.0f}s in all, "
+          f"{sum(b.seconds or 0 for b in builds.values()):.0f}s of them op builds)")
     return exit_code(results, args.strict)
 
 

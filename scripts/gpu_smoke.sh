@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# GPU smoke run: every stage on tiny OPT and Llama models, a few steps each, one table (docs/gpu.md).
-#   bash scripts/gpu_smoke.sh [--dry-run] [--workdir DIR] [--only CASE[,CASE...]] [--budget-s 290] [--strict]
+# GPU smoke run: what the recipes do, on tiny OPT and Llama models, a few steps each, one table (docs/gpu.md).
+#   bash scripts/gpu_smoke.sh [--dry-run | --build-only] [--workdir DIR] [--only CASE[,CASE...]] [--budget-s 290]
+#                             [--build-timeout-s 900] [--strict]
+# First builds the DeepSpeed ops the cases need (timed, each line "[build] <op>: ..."; not charged to
+# --budget-s), then runs the cases on one GPU (the -2gpu case on two, skipped on a one-GPU node).
 # PYTHON picks the interpreter (default: python, else python3, on PATH); it needs torch with CUDA,
 # transformers, accelerate, deepspeed, datasets and their dependencies (the table says which are missing).
 set -euo pipefail

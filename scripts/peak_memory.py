@@ -5,9 +5,10 @@
 
 The launcher puts `--local_rank=N` right after the script it launches (this file); it is handed on
 to TARGET with the rest of the arguments. The JSON goes to $SMOKE_STATS_FILE (nothing is written when
-it is unset): `max_memory_allocated` / `max_memory_reserved` in bytes, as PyTorch's caching allocator
-counts them on this process's current device (the CUDA context and memory DeepSpeed's inference
-kernels allocate outside PyTorch are not included), or null without CUDA.
+it is unset; under a launcher with several ranks, rank N > 0 writes `$SMOKE_STATS_FILE.rankN`):
+`max_memory_allocated` / `max_memory_reserved` in bytes, as PyTorch's caching allocator counts them
+on this process's current device (the CUDA context and memory DeepSpeed's inference kernels allocate
+outside PyTorch are not included), or null without CUDA.
 """
 import atexit
 import json
@@ -48,11 +49,18 @@ def write_stats(path):
         json.dump(stats, f)
 
 
+def rank_stats_path(path, environ=None):
+    """`path` for rank 0 (or a process without a launcher), `path.rank<N>` for rank N > 0, so the
+    ranks of one run never write the same file."""
+    rank = (os.environ if environ is None else environ).get("RANK", "0") or "0"
+    return path if rank == "0" else f"{path}.rank{rank}"
+
+
 def main():
     target, rest = split_target(sys.argv[1:])
     stats_path = os.environ.get(STATS_ENV)
     if stats_path:
-        atexit.register(write_stats, stats_path)
+        atexit.register(write_stats, rank_stats_path(stats_path))
     sys.argv = [target, *rest]
     # As `python TARGET.py` would: the target's directory first on sys.path (stage 3 imports its
     # sibling modules by name).

@@ -1,5 +1,6 @@
-"""The six training scripts: syntax, the original's exact hyper-parameters, and that every flag they
-pass is one their stage's main.py accepts.
+"""The eight training scripts: syntax, the original's exact hyper-parameters, the launcher's port
+(MASTER_PORT, else the script's own), and that every flag they pass is one their stage's main.py
+accepts.
 
 A stub `deepspeed` first on PATH records its argv, working directory and environment instead of
 launching anything, so these tests take seconds and need no model or data.
@@ -106,6 +107,8 @@ SCRIPTS = {
         default_dir=r"step3_ppo-meta_llama_Llama_2_7b_hf-{ts}-1234"),
 }
 PATH_VARS = ("MODEL_PATH", "ACTOR_MODEL_PATH", "REWARD_MODEL_PATH", "DATA_PATH", "DATA_OUTPUT_PATH")
+# Read by every script (the launcher's --master_port); not inherited from the caller's environment.
+SCRIPT_VARS = PATH_VARS + ("MASTER_PORT",)
 
 STUB = """#!/bin/sh
 pwd > "$STUB_DIR/cwd"
@@ -134,7 +137,7 @@ def make_stub(tmp_path):
 def run_script(script, tmp_path, args=(), env_extra=None, cwd=None):
     """Run `bash script args` with the stub deepspeed; return (process, argv list, record dir)."""
     bin_dir, record = make_stub(tmp_path)
-    env = {k: v for k, v in os.environ.items() if k not in PATH_VARS}
+    env = {k: v for k, v in os.environ.items() if k not in SCRIPT_VARS}
     env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", STUB_DIR=str(record))
     env.update(env_extra or {})
     proc = subprocess.run(["bash", str(script), *args], cwd=cwd or tmp_path, env=env,
@@ -227,6 +230,17 @@ def test_launch_line_and_hyper_parameters(name, launched):
     assert extra <= {"--data_path", "--model_name_or_path", "--actor_model_name_or_path",
                      "--reward_model_name_or_path", "--critic_model_name_or_path",
                      "--output_dir"}, extra
+
+
+@pytest.mark.parametrize("port", ["23456", ""])
+def test_master_port_comes_from_the_environment(name, tmp_path, port):
+    """MASTER_PORT picks the launcher's port (two runs on one node need two ports); unset or
+    empty, the script's own default."""
+    proc, argv, _ = run_script(ROOT / SCRIPTS[name]["path"], tmp_path, [str(tmp_path / "out")],
+                               {"MASTER_PORT": port})
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    launcher_args, _ = launcher_and_main_args(argv)
+    assert launcher_args == ["--master_port", port or str(SCRIPTS[name]["port"])]
 
 
 def test_paths_come_from_the_environment(name, launched):

@@ -39,7 +39,7 @@ if [ -z "$OUTPUT" ]; then
 fi
 mkdir -p "$OUTPUT"
 
-deepspeed --master_port 12346 main.py \
+deepspeed --master_port "${MASTER_PORT:-12346}" main.py \
     --data_path "$DATA_PATH" \
     --data_split 2,4,4 \
     --data_output_path "$DATA_OUTPUT_PATH" \
