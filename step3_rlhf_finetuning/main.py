@@ -100,6 +100,11 @@ def parse_args(argv=None):
     group.add_argument("--pad_prompts_to_max_len", action="store_true",
                        help="Keep every prompt batch padded to --max_prompt_seq_len (default: to "
                             "the batch's longest prompt).")
+    group.add_argument("--per_layer_generation_gather", action="store_true",
+                       help="With a ZeRO-3 actor, let ZeRO-3 gather and release each module's "
+                            "parameters at every decoded token (every rank decoding in lockstep) "
+                            "instead of gathering the whole actor once per generate call, which "
+                            "happens only when it fits in the free accelerator memory.")
     parser.add_argument("--half_precision_logits", action="store_true",
                         help="Compute the actor's and reference's LM-head logits in the engine's "
                              "fp16/bf16 (the original) instead of float32 (the default: half "
@@ -107,7 +112,10 @@ def parse_args(argv=None):
     parser.add_argument("--offload_reference_model", action="store_true")
     parser.add_argument("--offload_reward_model", action="store_true")
     parser.add_argument("--actor_bf16", action="store_true")
-    parser.add_argument("--reward_bf16", action="store_true")
+    parser.add_argument("--reward_bf16", action="store_true",
+                        help="bf16 for the reward model and, with --algo ppo, the critic (it is "
+                             "initialised from a reward model; --actor_bf16 covers the actor and "
+                             "the reference only). Default: fp16 on CUDA, fp32 elsewhere.")
     parser.add_argument("--actor_zero_stage", type=int, default=0, choices=[0, 1, 2, 3])
     parser.add_argument("--reward_zero_stage", type=int, default=0)
     parser.add_argument("--reference_zero_stage", type=int, default=0)
@@ -305,6 +313,8 @@ def rollout_settings(args, world_size, hybrid_engine, actor_config):
                            one_actor_forward=one_actor_forward(args),
                            logit_chunk_tokens=logit_chunk_tokens(args, actor_config),
                            fused_sampling=not args.hf_sampling,
+                           gather_once_for_generation=not (args.per_layer_generation_gather
+                                                           or hybrid_engine),
                            fp32_logits=not args.half_precision_logits)
 
 

@@ -22,6 +22,7 @@ from utils.model.model_utils import lm_head_inputs, unwrap
 from utils.model.reward_model import answer_end_index
 from utils.nonfinite import NonFiniteUpdates
 from utils.utils import all_reduce_max, get_rank, print_rank_0
+from utils.zero3_generation import generation_parameters
 
 @dataclass(frozen=True)
 class RolloutSettings:
@@ -31,6 +32,10 @@ class RolloutSettings:
     ppo_epochs: int = 1
     unsup_coef: float = 0.0
     synced_gpus: bool = False   # ZeRO-3 actor on several ranks: every rank runs the same forwards
+    # ZeRO-3 actor: gather its parameters once per generate call (DeepSpeed's per-module hooks
+    # out meanwhile, utils/zero3_generation.py) when they fit, and decode without synced_gpus;
+    # False: ZeRO-3 gathers and releases every module at every decoded token.
+    gather_once_for_generation: bool = True
     one_generation_pass: bool = True   # sampled and greedy answers in one batched decode
     one_reward_pass: bool = True       # the reward model once over sampled and greedy answers
     trim_prompt_padding: bool = True   # prompts padded to the batch's longest, not max_prompt_seq_len
@@ -88,16 +93,20 @@ class PolicyTrainer:
     def _generate(self, prompts, prompt_mask, do_sample, greedy_rows=None):
         """[B, P] left-padded prompts -> [B, L] prompt + answer (at most max_answer_seq_len new
         tokens, finished rows filled with pad = eos). `greedy_rows` ([B] bool): rows decoded
-        greedily inside a sampled call. With a ZeRO-3 actor on several ranks every rank runs the
-        same number of forwards (synced_gpus), so differing lengths never hang."""
+        greedily inside a sampled call. A ZeRO-3 actor's parameters are gathered once for the
+        call when they fit (`gather_once_for_generation`); then no forward is a collective and
+        each rank stops when its own rows end. Otherwise, with a ZeRO-3 actor on several ranks,
+        every rank runs the same number of forwards (synced_gpus), so differing lengths never
+        hang."""
         sampling = sampling_kwargs(do_sample, self.rollout.fused_sampling, greedy_rows,
                                    FiniteLogits(self.pad_token_id, self.nonfinite_logits))
-        with torch.no_grad():
+        with torch.no_grad(), generation_parameters(
+                self.actor, enabled=self.rollout.gather_once_for_generation) as gathered:
             return unwrap(self.actor).generate(
                 input_ids=prompts, attention_mask=prompt_mask,
                 max_new_tokens=self.rollout.max_answer_seq_len, pad_token_id=self.pad_token_id,
-                eos_token_id=self.eos_token_ids, synced_gpus=self.rollout.synced_gpus,
-                use_cache=True, **sampling)
+                eos_token_id=self.eos_token_ids,
+                synced_gpus=self.rollout.synced_gpus and not gathered, use_cache=True, **sampling)
 
     def _decode(self, prompts, prompt_mask, num_samples, with_greedy):
         """k sampled answers per prompt (rows prompt-major) and, `with_greedy`, one greedy answer

@@ -81,6 +81,46 @@ def test_check_says_incompatible_for_the_installed_families(family, layer, tmp_p
     assert hybrid_engine_layer_contract(str(tmp_path)) == (compatible, reason)
 
 
+def no_policy_config(family):
+    from transformers import MistralConfig, Qwen2Config
+
+    config_class = {"qwen2": Qwen2Config, "mistral": MistralConfig}[family]
+    return config_class(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+
+
+def test_an_enabled_hybrid_engine_with_nothing_to_inject_still_builds_its_op():
+    """The facts behind the no-policy verdict: the engine creates its inference workspace op in
+    any case, drops its policies (keeping the model's own generate) when no decoder layer matches
+    one, and swaps its generate (the one that gathers ZeRO-3 parameters) in only after injecting."""
+    from deepspeed.runtime.hybrid_engine import DeepSpeedHybridEngine
+
+    assert "self.workspace = WorkspaceOp()" in inspect.getsource(DeepSpeedHybridEngine.__init__)
+    populate = inspect.getsource(DeepSpeedHybridEngine.populate_all_inference_policies)
+    assert "No compatible DeepSpeed inference policy found" in populate
+    create = inspect.getsource(DeepSpeedHybridEngine.create_inference_module)
+    swap = create.index("self.module.generate = self.generate")
+    assert create.rindex("if len(self._inference_containers) > 0:", 0, swap) > 0
+
+
+@pytest.mark.parametrize("family, layer", [("qwen2", "Qwen2DecoderLayer"),
+                                           ("mistral", "MistralDecoderLayer")])
+def test_model_types_without_a_deepspeed_policy_fall_back(family, layer, tmp_path, fresh_log,
+                                                          caplog):
+    config = no_policy_config(family)
+    assert deepspeed_injected_layer_classes(check._meta_causal_lm(config)) == {}
+    compatible, reason = hybrid_engine_layer_contract(config)
+    assert compatible is False
+    assert f"DeepSpeed has no inference policy for {layer}" in reason
+    assert "would inject nothing" in reason and "transformer_inference" in reason
+    config.save_pretrained(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="utils.ds_utils"):
+        assert resolve_hybrid_engine(True, "cuda", model_path=str(tmp_path)) is False
+    warnings = [r.getMessage() for r in caplog.records if VERDICT_TAG in r.getMessage()]
+    assert len(warnings) == 1 and layer in warnings[0]
+    assert "falls back to the Hugging Face path" in warnings[0]
+
+
 def test_check_counts_an_unreadable_config_as_incompatible(tmp_path):
     compatible, reason = hybrid_engine_layer_contract(str(tmp_path / "missing"))
     assert compatible is False and reason.startswith("could not check")
@@ -200,17 +240,17 @@ def in_policy_slot(monkeypatch):
 @pytest.mark.parametrize("layer_cls, decoder_cls, slot, injected, compatible", [
     (LegacyTupleLayer, LegacyDecoder, "opt", True, True),            # the contract DeepSpeed targets
     (CacheTensorLayer, ModernDecoder, "opt", True, False),           # transformers 5.24 OPT
-    (PastKeyValuesTensorLayer, ModernDecoder, "opt", False, True),   # DeepSpeed's guard fires
-    (CachePositionTensorLayer, ModernDecoder, "opt", False, True),   # DeepSpeed's guard fires
+    (PastKeyValuesTensorLayer, ModernDecoder, "opt", False, False),  # guard fires: nothing injected
+    (CachePositionTensorLayer, ModernDecoder, "opt", False, False),  # guard fires: nothing injected
     (CacheTensorLayer, ModernDecoder, "llama", True, False),         # transformers 5.24 Llama
     (PastKeyValuesTensorLayer, ModernDecoder, "llama", True, False),  # no guard for Llama at all
     (LegacyTupleLayer, LegacyDecoder, "llama", True, True),
     (LegacyTupleLayer, ModernDecoder, "opt", True, False),           # the loop decides, not the annotation
     (UnannotatedLayer, OpaqueDecoder, "opt", True, False),           # cannot tell: not shown safe
     (CacheObjectTupleLayer, LegacyDecoder, "opt", True, False),      # tuple, but a Cache object
-    (CachePositionTupleLayer, LegacyDecoder, "opt", False, True),    # DeepSpeed's guard fires
+    (CachePositionTupleLayer, LegacyDecoder, "opt", False, False),   # guard fires: nothing injected
     (CachePositionTupleLayer, LegacyDecoder, "llama", True, False),  # ... but not for Llama
-    (CacheTensorLayer, ModernDecoder, None, False, True),            # no policy: native generate
+    (CacheTensorLayer, ModernDecoder, None, False, False),           # no policy: nothing injected
 ])
 def test_mocked_layer_contracts(in_policy_slot, layer_cls, decoder_cls, slot, injected, compatible):
     if slot is not None:
@@ -225,6 +265,9 @@ def test_mocked_layer_contracts(in_policy_slot, layer_cls, decoder_cls, slot, in
     assert verdict is compatible, reason
     if not compatible:
         assert layer_cls.__name__ in reason
+    if not injected:   # the engine would only build its op: HF generate (and our ZeRO-3 gather)
+        why = "guard against modern decoders skips" if slot else "has no inference policy for"
+        assert why in reason and "would inject nothing" in reason, reason
 
 
 def test_reason_names_the_guard_miss(in_policy_slot):

@@ -55,7 +55,10 @@ def resolve_hybrid_engine(requested: bool, accelerator_name: str = None, model_p
 
     Dropped off CUDA (no inference kernels), and on CUDA when `model_path` (the actor's config or
     checkpoint directory) is given and `hybrid_engine_layer_contract` finds its decoder layers
-    incompatible with DeepSpeed's injected ones; generation then uses the Hugging Face modules.
+    incompatible with DeepSpeed's injected ones, or finds that DeepSpeed would inject nothing
+    (no inference policy for the model type, e.g. Qwen2 or Mistral: the engine would only build
+    its inference op); generation then uses the Hugging Face modules (under ZeRO-3 with the
+    parameters gathered once per generate call, utils/zero3_generation.py).
     """
     if not requested:
         return False

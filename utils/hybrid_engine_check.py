@@ -12,7 +12,11 @@ looks at OPT and only for parameters named `cache_position` or `past_key_values`
 names it `cache`, and Llama has no guard at all. So the check below runs DeepSpeed's own guard, then
 asks the decoder loop which contract it expects (and whether the layers get transformers' cache object,
 which the injected layer ignores), and says "incompatible" whenever they disagree with what the injected
-layer does or it cannot tell. See docs/gpu.md for the facts and their file:line references.
+layer does or it cannot tell. A model DeepSpeed would inject nothing into (no policy: Qwen2, Mistral,
+...) is incompatible too: the engine would still build its inference op, and its generate, which
+gathers ZeRO-3 parameters once, is only swapped in when it injected something
+(deepspeed/runtime/hybrid_engine.py:60 and 428-430). See docs/gpu.md for the facts and their
+file:line references.
 """
 import ast
 import inspect
@@ -49,17 +53,19 @@ def hybrid_engine_layer_contract(model_config_or_path):
 def model_layer_contract(model):
     """(compatible, reason) for an instantiated module tree (meta tensors are enough).
 
-    Compatible when DeepSpeed injects no decoder layer (its guard fired, or it has no policy for
-    the model: the hybrid engine then generates with the model's own modules), or when every layer
-    it injects follows the legacy contract its inference layers implement: the decoder loop takes
-    element 0 of each layer's output, and each layer gets its own past (key, value) tuple rather
-    than transformers' cache object. Otherwise incompatible, with the reason.
+    Compatible only when DeepSpeed injects decoder layers and every one it injects follows the
+    legacy contract its inference layers implement: the decoder loop takes element 0 of each
+    layer's output, and each layer gets its own past (key, value) tuple rather than transformers'
+    cache object. Injecting nothing (no policy for the model's layers, as for Qwen2 or Mistral, or
+    DeepSpeed's guard skipped them) is incompatible too: the engine would generate with the
+    model's own modules through the plain Hugging Face `generate` (it swaps in its own, which
+    gathers ZeRO-3 parameters once, only when it injected something), yet still build the
+    transformer_inference op and hold its workspace; without it the project's own ZeRO-3 gather
+    (utils/zero3_generation.py) applies. Otherwise incompatible, with the reason.
     """
     injected = deepspeed_injected_layer_classes(model)
     if not injected:
-        return True, (f"DeepSpeed injects no inference kernel into {type(model).__name__} (its guard "
-                      "skips these layers or it has no policy for them); the hybrid engine generates "
-                      "with the model's own modules")
+        return False, _nothing_injected_reason(model)
     lists = _decoder_layer_lists(model)
     for layer_cls, policy_name in injected.items():
         owners = [(owner, attr) for owner, attr, cls in lists if cls is layer_cls]
@@ -90,6 +96,31 @@ def model_layer_contract(model):
     names = ", ".join(sorted(cls.__name__ for cls in injected))
     return True, (f"{names}: the decoder loop takes element 0 of each layer's output and hands each "
                   "layer its own past key/values, the legacy contract DeepSpeed's inference layers follow")
+
+
+def _nothing_injected_reason(model):
+    layer_classes = {cls for _, _, cls in _decoder_layer_lists(model)}
+    named = ", ".join(sorted(cls.__name__ for cls in layer_classes)) or "its layers"
+    guarded = any(cls in layer_classes for cls in _policy_layer_classes())
+    why = (f"DeepSpeed's guard against modern decoders skips {named}" if guarded else
+           f"DeepSpeed has no inference policy for {named}")
+    return (f"{why}: the hybrid engine would inject nothing into {type(model).__name__} and "
+            "generate with its own modules through Hugging Face generate (without the engine's "
+            "ZeRO-3 gather), yet still build the transformer_inference op (minutes of JIT on a "
+            "fresh node) and hold its workspace")
+
+
+def _policy_layer_classes():
+    """The decoder-layer classes DeepSpeed's replace policies name (before its guard)."""
+    from deepspeed.module_inject.replace_policy import replace_policies
+
+    classes = []
+    for policy in replace_policies:
+        policy(None)  # as DeepSpeed does: the constructor sets `_orig_layer_class`
+        found = policy._orig_layer_class
+        if found is not None:
+            classes.extend(found if isinstance(found, list) else [found])
+    return classes
 
 
 def deepspeed_injected_layer_classes(model):
