@@ -24,6 +24,26 @@ def _banner(text):
     print_rank_0(f" {text} ".center(90, "*"))
 
 
+def critic_ds_config(args):
+    """PPO's critic: initialised from the reward model, so in the reward model's precision
+    (--reward_bf16; DeepSpeed-Chat's one dtype flag covers every model, --actor_bf16 is the
+    actor's). The rest as the actor's: --offload, its own --critic_zero_stage."""
+    return get_train_ds_config(offload=args.offload, stage=args.critic_zero_stage,
+                               enable_tensorboard=args.enable_tensorboard, bf16=args.reward_bf16,
+                               tb_path=args.tensorboard_path, tb_name="")
+
+
+def frozen_actor_copy_ds_config(args, ema=False):
+    """The reference (in the actor's precision) or the EMA copy of the actor (`ema`): float32
+    whatever the actor's precision, as many of the EMA's 0.008·(θ − ema) steps round away in bf16
+    (a bf16 EMA covers about half of the way the formula's 500 steps cover, test_rlhf_engine.py).
+    Both at --reference_zero_stage, offloaded with --offload_reference_model."""
+    stage = frozen_model_stage(args.reference_zero_stage, "EMA" if ema else "reference")
+    if ema:
+        return get_eval_ds_config(args.offload_reference_model, stage, precision="fp32")
+    return get_eval_ds_config(args.offload_reference_model, stage, bf16=args.actor_bf16)
+
+
 def frozen_model_stage(requested, name):
     """ZeRO stage of a frozen model: 3 stays 3, anything else runs at 0."""
     if requested in (0, 3):
@@ -100,10 +120,7 @@ class RLHFEngine:
         """PPO's value model: a reward-model-layout checkpoint (by default the reward model itself)
         trained with its own engine, flags named as in DeepSpeed-Chat."""
         args = self.args
-        config = get_train_ds_config(offload=args.offload, stage=args.critic_zero_stage,
-                                     enable_tensorboard=args.enable_tensorboard,
-                                     bf16=args.actor_bf16, tb_path=args.tensorboard_path,
-                                     tb_name="")
+        config = critic_ds_config(args)
         self._batch_sizes(config, self.micro_batches.critic)
         model = create_critic_model(args.critic_model_name_or_path, self.tokenizer, config,
                                     args.num_padding_at_beginning, rlhf_training=True,
@@ -126,10 +143,9 @@ class RLHFEngine:
             unwrap(engine).gradient_checkpointing_enable()
         return engine
 
-    def _frozen_actor_copy(self, lora):
+    def _frozen_actor_copy(self, lora, ema=False):
         args = self.args
-        stage = frozen_model_stage(args.reference_zero_stage, "reference")
-        config = get_eval_ds_config(args.offload_reference_model, stage, bf16=args.actor_bf16)
+        config = frozen_actor_copy_ds_config(args, ema)
         self._batch_sizes(config, self.micro_batches.actor)
         model = create_hf_model(AutoModelForCausalLM, args.actor_model_name_or_path,
                                 self.tokenizer, config)
@@ -142,8 +158,8 @@ class RLHFEngine:
         return self._frozen_actor_copy(lora=False)
 
     def _init_ema(self):
-        # Same structure as the actor (LoRA included) so parameters pair up one to one.
-        return self._frozen_actor_copy(lora=True)
+        # Same structure as the actor (LoRA included) so parameters pair up one to one; float32.
+        return self._frozen_actor_copy(lora=True, ema=True)
 
     def _init_reward(self):
         args = self.args
@@ -158,7 +174,8 @@ class RLHFEngine:
 
 @torch.no_grad()
 def moving_average(model, model_ema, beta=0.992):
-    """EMA of the actor, DeepSpeed-Chat's rule: ema <- beta * ema + (1 - beta) * param.
+    """EMA of the actor, DeepSpeed-Chat's rule: ema <- beta * ema + (1 - beta) * param, computed in
+    the EMA's dtype (float32 in stage 3, `frozen_actor_copy_ds_config`) from the actor's parameter.
 
     ZeRO-3 aware: the actor parameter is gathered read-only, the EMA parameter with modifier rank 0,
     whose update DeepSpeed re-partitions on exit (a gather without a modifier rank would drop it).

@@ -185,3 +185,22 @@ def test_grpo_llama_one_rank_zero3(tiny_llama_path, reward_llama, preference_dat
     assert all(abs(s["train/advantage"]) < 1e-4 for s in steps)
     # at the second pass over the experience the ratio moves off 1, so GRPO's KL term is non-zero
     assert any(s["train/kl_loss"] > 0 for s in steps)
+
+
+def test_remax_opt_bf16_one_rank_actor_zero2_frozen_zero3_with_ema(sft_opt, reward_opt,
+                                                                   preference_data, tmp_path):
+    """The half-precision recipe's path on the CPU (bf16 runs there under DeepSpeed): the LM heads
+    compute float32 logits from bf16 weights, the metrics stay finite, the actor exports."""
+    out = str(tmp_path / "out")
+    log = run_stage(3, remax_args(sft_opt, reward_opt, preference_data, out, 2, 3, 3, 1,
+                                  extra=["--actor_bf16", "--reward_bf16", "--enable_ema"]))
+    check_remax_run(out, log)
+    assert "[scoring] actor: LM head computes float32 logits from torch.bfloat16 weights" in log
+    assert "[scoring] reference: LM head computes float32 logits from torch.bfloat16" in log
+    # The EMA is kept (and exported) in float32, the actor in its bf16.
+    from safetensors.torch import load_file
+
+    actor = load_file(os.path.join(out, "actor", "model.safetensors"))
+    ema = load_file(os.path.join(out, "actor_ema", "model.safetensors"))
+    assert {t.dtype for t in actor.values()} == {torch.bfloat16}
+    assert {t.dtype for t in ema.values()} == {torch.float32}

@@ -215,3 +215,18 @@ def test_merged_state_dict_under_zero3_two_ranks(tmp_path):
                              "--master_port", "29517", str(script)],
                             cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert result.stdout.count("ZERO3_MERGE_OK") == 2, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_lora_factors_are_drawn_in_float32_whatever_the_weight_dtype():
+    """A bf16-loaded model gets the factors an fp32-loaded one gets after DeepSpeed's cast."""
+    import torch
+
+    from utils.module.lora import LinearLayer_LoRA
+
+    weight = torch.nn.Parameter(torch.randn(6, 10))
+    torch.manual_seed(3)
+    fp32 = LinearLayer_LoRA(weight, lora_dim=4)
+    torch.manual_seed(3)
+    bf16 = LinearLayer_LoRA(torch.nn.Parameter(weight.detach().bfloat16()), lora_dim=4)
+    assert bf16.lora_right_weight.dtype == torch.bfloat16
+    assert torch.equal(bf16.lora_right_weight, fp32.lora_right_weight.bfloat16())

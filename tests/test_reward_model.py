@@ -17,6 +17,9 @@ from utils.model.reward_model import (
     split_reward_state_dict)
 
 
+VALUE_HEAD = "v_head.weight"
+
+
 # ----------------------------------------------------------------------------- helpers
 
 class StubBackbone(nn.Module):
@@ -263,3 +266,113 @@ def test_key_check_forgives_only_tied_aliases_whose_twin_is_present():
     del state_dict[f"{BACKBONE_PREFIX}embed.weight"]
     with pytest.raises(UserError, match=r"missing keys \(2\)"):
         check_reward_state_dict_keys(model, state_dict)
+
+
+# ----------------------------------------------------------------------------- float32 head, lazy reading
+
+def test_bf16_scores_are_float32_from_the_bf16_hidden_states():
+    """A bf16 reward model (as a bf16 engine casts it) scores in float32 from its bf16 hidden
+    states and bf16 head weight: not rounded to bf16 (steps of 0.016-0.031 at |r| 2-8)."""
+    model = tiny_opt().to(torch.bfloat16)         # DeepSpeed's cast of a bf16 engine: every parameter
+    with torch.no_grad():                         # scores of a trained model's size (|r| ~ 2-8)
+        model.v_head.weight.mul_(40.0)
+    assert model.v_head.weight.dtype == torch.bfloat16
+    ids = torch.randint(3, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        values = model.forward_value(ids, return_value_only=True)
+        hidden = model.backbone(input_ids=ids).last_hidden_state          # bf16
+        expected = (hidden.double() @ model.v_head.weight.double().t()).squeeze(-1)
+        rounded = torch.nn.functional.linear(hidden, model.v_head.weight).squeeze(-1)  # old bf16 head
+    assert hidden.dtype == torch.bfloat16 and values.dtype == torch.float32
+    torch.testing.assert_close(values.double(), expected, rtol=1e-6, atol=1e-6)
+    assert values.abs().max() > 2
+    assert (values != values.bfloat16().float()).float().mean() > 0.9      # not bf16 numbers
+    assert (rounded.float() - expected).abs().max() > 1e-3                # what the bf16 head lost
+    end = model.forward_value(ids, prompt_length=4)["chosen_end_scores"]
+    assert end.dtype == torch.float32
+
+
+def test_v_head_is_initialised_in_float32_then_stored_in_the_backbone_dtype():
+    config = tiny_opt().config
+    torch.manual_seed(3)
+    backbone = OPTModel(config).to(torch.bfloat16)
+    state = torch.random.get_rng_state()
+    model = RewardModel(backbone, pad_token_id=2)
+    torch.random.set_rng_state(state)
+    fp32_head = nn.Linear(8, 1, bias=False)
+    assert model.v_head.weight.dtype == torch.bfloat16
+    assert torch.equal(model.v_head.weight, fp32_head.weight.detach().to(torch.bfloat16))
+    assert tiny_opt().v_head.weight.dtype == torch.float32
+
+
+def test_bf16_pairwise_training_step_has_finite_float32_loss_and_lowers_it():
+    """Stage 2's path in a bf16 engine: the loss is float32, gradients reach the bf16 head and
+    backbone through the float32 head, and SGD steps lower the loss."""
+    model = tiny_opt().to(torch.bfloat16).train()
+    chosen = torch.tensor([[2, 5, 6, 7, 2, 2], [2, 9, 8, 2, 2, 2]])
+    rejected = torch.tensor([[2, 5, 6, 11, 12, 2], [2, 9, 13, 14, 2, 2]])
+    ids = torch.cat([chosen, rejected])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    losses = []
+    for _ in range(5):
+        out = model(ids, attention_mask=torch.ones_like(ids))
+        assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+        optimizer.zero_grad()
+        out["loss"].backward()
+        assert model.v_head.weight.grad.dtype == torch.bfloat16
+        assert model.v_head.weight.grad.abs().sum() > 0
+        assert model.backbone.decoder.layers[0].fc1.weight.grad.abs().sum() > 0
+        optimizer.step()
+        losses.append(out["loss"].item())
+    assert losses[-1] < losses[0]
+
+
+def _saved_reward_dir(tmp_path, dtype=torch.float32):
+    source = tiny_llama().to(dtype)
+    save_reward_checkpoint(str(tmp_path), source.state_dict(), source.config, pad_token_id=2,
+                           num_padding_at_beginning=0)
+    return source
+
+
+def test_lazy_checkpoint_reads_shapes_without_tensors_and_one_tensor_per_access(tmp_path):
+    from utils.model.reward_model import open_reward_checkpoint
+
+    source = _saved_reward_dir(tmp_path)
+    reads = []
+    with open_reward_checkpoint(str(tmp_path)) as (state, meta):
+        state._entries = {key: (lambda name, read=read: reads.append(name) or read(name), name, shape)
+                          for key, (read, name, shape) in state._entries.items()}   # count reads
+        assert meta["pad_token_id"] == 2
+        assert set(state) == set(source.state_dict())
+        check_reward_state_dict_keys(source, state)            # shapes from the headers only
+        assert reads == [] and state.shape_of(VALUE_HEAD) == (1, 16)
+        embed = state[f"{BACKBONE_PREFIX}embed_tokens.weight"]
+        assert reads == ["embed_tokens.weight"]                  # one tensor, the one asked for
+        assert torch.equal(embed, source.backbone.embed_tokens.weight)
+        wrong = {**source.state_dict(), VALUE_HEAD: torch.zeros(1, 8)}
+        with pytest.raises(UserError, match=r"v_head.weight: checkpoint \(1, 8\) vs model \(1, 16\)"):
+            check_reward_state_dict_keys(source, wrong)
+    with pytest.raises(Exception, match="closed"):
+        state[VALUE_HEAD]                                       # the files are closed
+
+
+def test_lazy_original_layout_is_memory_mapped(tmp_path, monkeypatch):
+    source = tiny_opt()
+    torch.save(source.state_dict(), tmp_path / "pytorch_model.bin")
+    from utils.model.reward_model import open_reward_checkpoint
+
+    calls, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: calls.append(kw) or real_load(*a, **kw))
+    with open_reward_checkpoint(str(tmp_path)) as (state, meta):
+        assert meta is None and set(state) == set(source.state_dict())
+        check_reward_state_dict_keys(source, state)
+        assert torch.equal(state[VALUE_HEAD], source.v_head.weight)
+    assert [kw.get("mmap") for kw in calls] == [True]            # mapped, not read whole
+
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    torch.save(source.state_dict(), legacy / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    calls.clear()
+    with open_reward_checkpoint(str(legacy)) as (state, _):
+        assert torch.equal(state[VALUE_HEAD], source.v_head.weight)
+    assert [kw.get("mmap") for kw in calls] == [False]           # the legacy format cannot be mapped

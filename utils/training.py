@@ -146,9 +146,12 @@ def init_train_engine(model, args, ds_config, learning_rate, weight_decay, lora_
     optimizer = create_optimizer(groups, learning_rate, offload)
     scheduler = create_lr_scheduler(optimizer, lr_scheduler_type, num_warmup_steps, total_steps)
     log_precision_once(ds_config)
-    trainable = sum(p.numel() for g in groups for p in g["params"])
+    # ds_numel: a ZeRO-3 partitioned parameter's full size (its numel is 0), so this is the whole
+    # model's count on every rank, not one rank's share.
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for g in groups for p in g["params"])
     print_rank_0(f"[optimizer] {type(optimizer).__name__}, lr {learning_rate}, "
-                 f"{trainable / 1e6:.2f}M trainable parameters on this rank, {total_steps} steps, "
+                 f"{trainable / 1e6:.2f}M trainable parameters (the whole model's, not one "
+                 f"ZeRO-3 rank's share), {total_steps} steps, "
                  f"{lr_scheduler_type} schedule with {num_warmup_steps} warm-up steps")
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, args=args,
                                       config=ds_config, lr_scheduler=scheduler,

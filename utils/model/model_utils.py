@@ -143,25 +143,50 @@ def disable_dropout_in_config(config):
             setattr(config, name, 0.0)
 
 
+def engine_dtype(ds_config):
+    """The dtype of the parameters of a DeepSpeed engine built with `ds_config`: bf16 or fp16 when the
+    config enables it, else (and for None, no engine) float32. DeepSpeed casts a bf16/fp16 engine's
+    parameters to that dtype at initialize but leaves an fp32 engine's parameters as they come."""
+    if not ds_config:
+        return torch.float32
+    for key, dtype in (("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16),
+                       ("fp16", torch.float16)):
+        section = ds_config.get(key)
+        if isinstance(section, dict) and section.get("enabled") is True:
+            return dtype
+    return torch.float32
+
+
 def create_hf_model(model_class, model_name_or_path, tokenizer, ds_config=None, rlhf_training=False,
                     disable_dropout=False):
-    """Build `model_class` (AutoModelForCausalLM, AutoModel) from a local HF directory.
+    """Build `model_class` (AutoModelForCausalLM, AutoModel) from a local HF directory, in the dtype
+    of the engine `ds_config` describes (`engine_dtype`).
 
     With a ZeRO-3 `ds_config` the model is constructed partitioned (zero.Init through
     HfDeepSpeedConfig). `rlhf_training` builds from the config only (weights are loaded later).
+
+    Memory: no rank holds an fp32 copy of a bf16/fp16 model (the original loaded fp32 on every
+    rank and left the cast to DeepSpeed: 27 GB per rank for a 7B half checkpoint). transformers
+    5.24 keeps a checkpoint tensor already in the asked dtype as a view of the memory-mapped file
+    and converts any other one tensor at a time. The weights are the same as the old path's: fp32
+    → bf16/fp16 is the same rounding whether transformers or DeepSpeed does it, and a half
+    checkpoint becomes fp32 exactly for an fp32 engine (test_model_utils.py, test_load_precision.py).
+    Under ZeRO-3, transformers reads the checkpoint on rank 0 only (memory-mapped; the other ranks
+    read its header) and fills the partitioned model one module at a time
+    (`_load_state_dict_into_zero3_model`).
     """
     config = AutoConfig.from_pretrained(model_name_or_path)
     if disable_dropout:
         disable_dropout_in_config(config)
+    dtype = engine_dtype(ds_config)
     # transformers sees ZeRO 3 only while this object lives (a weak reference): construction AND
     # the resize must happen inside it, or the resize meets a partitioned (empty) embedding weight.
     zero3 = _zero3_context(ds_config)
     if rlhf_training:
-        model = model_class.from_config(config)
+        # An explicit dtype: from_config would otherwise use config.json's torch_dtype.
+        model = model_class.from_config(config, dtype=dtype)
     else:
-        # transformers 5 loads in the checkpoint's dtype by default; DeepSpeed casts to the
-        # training precision itself, so start from fp32 master weights as the original did.
-        model = model_class.from_pretrained(model_name_or_path, config=config, dtype=torch.float32)
+        model = model_class.from_pretrained(model_name_or_path, config=config, dtype=dtype)
     model.config.end_token_id = tokenizer.eos_token_id
     model.config.pad_token_id = model.config.eos_token_id
     resize_embeddings(model, tokenizer)
@@ -313,7 +338,7 @@ def create_critic_model(model_name_or_path, tokenizer, ds_config=None, num_paddi
     from transformers import AutoModel
 
     from utils.model.reward_model import (RewardModel, check_reward_model_dir,
-                                          check_reward_state_dict_keys, read_reward_checkpoint)
+                                          check_reward_state_dict_keys, open_reward_checkpoint)
 
     start = time.time()
     if not rlhf_training:
@@ -322,17 +347,19 @@ def create_critic_model(model_name_or_path, tokenizer, ds_config=None, num_paddi
         check_tokenizer_contract(tokenizer, backbone.config, "reward model")
         return RewardModel(backbone, tokenizer.pad_token_id, num_padding_at_beginning)
     check_reward_model_dir(model_name_or_path, "reward model")
-    state, meta = read_reward_checkpoint(model_name_or_path)
-    if meta is not None and meta.get("num_padding_at_beginning") != num_padding_at_beginning:
-        print_rank_0(f"[reward] note: the checkpoint was trained with num_padding_at_beginning="
-                     f"{meta.get('num_padding_at_beginning')}, the flag says "
-                     f"{num_padding_at_beginning} (it only affects the pairwise loss)")
-    backbone = create_hf_model(AutoModel, model_name_or_path, tokenizer, ds_config,
-                               rlhf_training=True, disable_dropout=disable_dropout)
-    check_tokenizer_contract(tokenizer, backbone.config, "reward model")
-    model = RewardModel(backbone, tokenizer.pad_token_id, num_padding_at_beginning)
-    check_reward_state_dict_keys(model, state, source=model_name_or_path)
-    load_state_dict_into_model(model, state)
+    # Keys and shapes now, each tensor when it is copied (on rank 0 only under ZeRO-3): no rank
+    # holds the whole checkpoint (they all used to read it whole, beside an fp32 model).
+    with open_reward_checkpoint(model_name_or_path) as (state, meta):
+        if meta is not None and meta.get("num_padding_at_beginning") != num_padding_at_beginning:
+            print_rank_0(f"[reward] note: the checkpoint was trained with num_padding_at_beginning="
+                         f"{meta.get('num_padding_at_beginning')}, the flag says "
+                         f"{num_padding_at_beginning} (it only affects the pairwise loss)")
+        backbone = create_hf_model(AutoModel, model_name_or_path, tokenizer, ds_config,
+                                   rlhf_training=True, disable_dropout=disable_dropout)
+        check_tokenizer_contract(tokenizer, backbone.config, "reward model")
+        model = RewardModel(backbone, tokenizer.pad_token_id, num_padding_at_beginning)
+        check_reward_state_dict_keys(model, state, source=model_name_or_path)
+        load_state_dict_into_model(model, state)
     print_rank_0(f"[reward] loaded {model_name_or_path} ({len(state)} tensors) in "
                  f"{time.time() - start:.1f}s")
     return model
@@ -341,14 +368,19 @@ def create_critic_model(model_name_or_path, tokenizer, ds_config=None, num_paddi
 @torch.no_grad()
 def load_state_dict_into_model(model, state_dict):
     """Copy `state_dict` into `model`, ZeRO-3 aware: each module's own partitioned parameters are
-    gathered, filled on rank 0 and re-partitioned. Keys must have been checked by the caller."""
+    gathered, filled on rank 0 and re-partitioned. Keys must have been checked by the caller.
+
+    `state_dict`: a dict, or a mapping that reads a tensor when it is indexed (the reward
+    checkpoint's `LazyStateDict`): each parameter's tensor is read only by the rank that fills it
+    and dropped after its copy. Buffers (none in OPT or Llama checkpoints) are read on every rank."""
     from utils.module.lora import gathered_parameters
 
+    rank = get_rank()
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
         own = [(n, p) for n, p in module.named_parameters(recurse=False) if prefix + n in state_dict]
         with gathered_parameters([p for _, p in own], modifier_rank=0):
-            if get_rank() == 0 or not any(hasattr(p, "ds_id") for _, p in own):
+            if rank == 0 or not any(hasattr(p, "ds_id") for _, p in own):
                 for name, param in own:
                     param.data.copy_(state_dict[prefix + name].to(param.dtype))
         for name, buf in module.named_buffers(recurse=False):

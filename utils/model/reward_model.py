@@ -24,13 +24,17 @@ so ``join_reward_state_dict`` turns our files into exactly what the original sav
 Nothing here knows about DeepSpeed: under ZeRO-3 the caller gathers the parameters before saving and
 loads with its own gathering; atomic writes (temp dir + rename) are the caller's too.
 """
+import contextlib
 import json
 import os
 import re
+import zipfile
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from utils.errors import UserError
@@ -76,8 +80,22 @@ def answer_end_index(input_ids, pad_token_id, prompt_length):
 
 # ----------------------------------------------------------------------------- the model
 
+class Float32Head(nn.Linear):
+    """A Linear computed in float32 whatever the dtype of its input and weight: the value head.
+
+    In a bf16 engine a bf16 head rounds every score to bf16 (steps of 0.016-0.031 at |r| 2-8, when
+    ReMax's r - r_greedy is often about 0.1). DeepSpeed casts the whole module to bf16/fp16 at
+    initialize, so an fp32 weight would not survive; the weight and the hidden states are upcast
+    here instead, at use. It stays a module called as one, so ZeRO-3's hooks gather its weight."""
+
+    def forward(self, hidden):
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(hidden.float(), self.weight.float(), bias)
+
+
 class RewardModel(nn.Module):
-    """``v_head(backbone(input_ids).last_hidden_state)``: one scalar per token, [N, L].
+    """``v_head(backbone(input_ids).last_hidden_state)``: one float32 scalar per token, [N, L]
+    (the head runs in float32 from the backbone's hidden states, ``Float32Head``).
 
     base_model: a headless HF decoder (``AutoModel``: OPTModel, LlamaModel, ...).
     pad_token_id: the tokenizer's pad id (== eos id; the caller checks the tokenizer contract).
@@ -91,7 +109,12 @@ class RewardModel(nn.Module):
         # OPT projects its last hidden state to word_embed_proj_dim (e.g. 512 vs 1024 for OPT-350m).
         # Unlike the original we do not write config.n_embd onto the shared config.
         head_dim = getattr(self.config, "word_embed_proj_dim", None) or self.config.hidden_size
-        self.v_head = nn.Linear(head_dim, 1, bias=False, dtype=getattr(base_model, "dtype", None))
+        # Initialised in float32 and then stored in the backbone's dtype: the numbers of the fp32
+        # head the original's engines cast (a bf16 draw differs), in the dtype ZeRO-3 partitions.
+        self.v_head = Float32Head(head_dim, 1, bias=False, dtype=torch.float32)
+        dtype = getattr(base_model, "dtype", None)
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype != torch.float32:
+            self.v_head.to(dtype)
         self.rwtranrsformer = base_model
 
     @property
@@ -111,7 +134,8 @@ class RewardModel(nn.Module):
         self.rwtranrsformer.enable_input_require_grads()
 
     def _token_values(self, input_ids, attention_mask, use_cache, **backbone_kwargs):
-        """[N, L] -> [N, L]. head_mask / position_ids are not passed (OPT derives positions from the mask)."""
+        """[N, L] -> [N, L] float32. head_mask / position_ids are not passed (OPT derives positions
+        from the mask)."""
         outputs = self.rwtranrsformer(input_ids=input_ids, attention_mask=attention_mask,
                                       use_cache=use_cache, **backbone_kwargs)
         return self.v_head(outputs.last_hidden_state).squeeze(-1)
@@ -176,12 +200,17 @@ def join_reward_state_dict(backbone_state_dict, head_state_dict):
     return joined
 
 
-def read_original_reward_checkpoint(path):
-    """State dict of the original's step-2 output: ``path`` is its directory or its pytorch_model.bin."""
+def _original_checkpoint_path(path):
     if os.path.isdir(path):
         path = os.path.join(path, ORIGINAL_CHECKPOINT_FILE)
     if not os.path.isfile(path):
         raise UserError(f"no reward-model checkpoint at {path}")
+    return path
+
+
+def read_original_reward_checkpoint(path):
+    """State dict of the original's step-2 output: ``path`` is its directory or its pytorch_model.bin."""
+    path = _original_checkpoint_path(path)
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state_dict, dict):
         raise UserError(f"{path} does not hold a state dict (found {type(state_dict).__name__})")
@@ -265,17 +294,103 @@ def save_reward_checkpoint(directory, state_dict, config, pad_token_id, num_padd
 
 
 def read_reward_checkpoint(directory):
-    """(state dict with the original's keys, reward_model.json dict or None for the original layout)."""
+    """(state dict with the original's keys, reward_model.json dict or None for the original layout),
+    every tensor read into memory (``open_reward_checkpoint`` reads them one at a time)."""
+    with open_reward_checkpoint(directory) as (lazy, meta):
+        return {key: lazy[key] for key in lazy}, meta
+
+
+def _reward_meta(directory):
+    """reward_model.json as a dict; None for the original layout (no such file)."""
     meta_path = os.path.join(directory, REWARD_CONFIG_FILE)
     if not os.path.isfile(meta_path):
-        return read_original_reward_checkpoint(directory), None
+        return None
     with open(meta_path) as f:
         meta = json.load(f)
     if meta.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{meta_path}: unsupported format_version {meta.get('format_version')!r}")
-    backbone = load_file(os.path.join(directory, BACKBONE_WEIGHTS_FILE))
-    head = load_file(os.path.join(directory, VALUE_HEAD_FILE))
-    return join_reward_state_dict(backbone, head), meta
+    return meta
+
+
+@contextlib.contextmanager
+def open_reward_checkpoint(directory):
+    """Yields (LazyStateDict with the original's keys, reward_model.json dict or None for the
+    original layout); the files stay open inside the block.
+
+    Keys and shapes come from the headers; a tensor is read when it is indexed. Our layout's
+    safetensors files are read with pread (each tensor into its own buffer, freed with it);
+    the original's ``pytorch_model.bin`` is memory-mapped (``torch.load(mmap=True)``), or read
+    whole when it is in the legacy non-zip format, which cannot be mapped."""
+    meta = _reward_meta(directory)
+    state = LazyStateDict()
+    try:
+        if meta is None:
+            state.add_torch_file(_original_checkpoint_path(directory))
+        else:
+            state.add_safetensors(os.path.join(directory, BACKBONE_WEIGHTS_FILE), BACKBONE_PREFIX)
+            state.add_safetensors(os.path.join(directory, VALUE_HEAD_FILE))
+        yield state, meta
+    finally:
+        state.close()
+
+
+class LazyStateDict(Mapping):
+    """A checkpoint's state dict that reads a tensor each time it is indexed, one tensor at a time:
+    ``load_state_dict_into_model`` then reads each tensor only on the rank that copies it, and no
+    rank ever holds the whole checkpoint. ``shape_of(key)`` reads no tensor."""
+
+    def __init__(self):
+        self._entries = {}   # key -> (read(name) -> tensor, name in its file, shape)
+        self._handles = []
+
+    def add_safetensors(self, path, prefix=""):
+        try:
+            handle = safe_open(path, framework="pt", backend="pread")
+        except TypeError:    # a safetensors without the pread backend: memory-mapped
+            handle = safe_open(path, framework="pt")
+        self._handles.append(handle)
+        for name in handle.keys():
+            shape = tuple(handle.get_slice(name).get_shape())
+            self._entries[prefix + name] = (handle.get_tensor, name, shape)
+
+    def add_torch_file(self, path):
+        mmap = zipfile.is_zipfile(path)   # the legacy format cannot be mapped: read whole
+        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        if not isinstance(state_dict, dict):
+            raise UserError(f"{path} does not hold a state dict (found {type(state_dict).__name__})")
+        self._handles.append(state_dict)
+        for name, tensor in state_dict.items():
+            self._entries[name] = (state_dict.__getitem__, name, tuple(tensor.shape))
+
+    def shape_of(self, key):
+        return self._entries[key][2]
+
+    def __getitem__(self, key):
+        read, name, _ = self._entries[key]
+        return read(name)
+
+    def __contains__(self, key):
+        return key in self._entries
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self):
+        return len(self._entries)
+
+    def close(self):
+        """Close the files (the keys and shapes stay; reading a tensor afterwards fails)."""
+        for handle in self._handles:
+            if isinstance(handle, dict):
+                handle.clear()
+            else:
+                handle.__exit__(None, None, None)
+        self._handles = []
+
+
+def _shape_of(state_dict, key):
+    shape_of = getattr(state_dict, "shape_of", None)
+    return tuple(shape_of(key) if shape_of is not None else state_dict[key].shape)
 
 
 def _tolerated_backbone_keys(backbone):
@@ -296,7 +411,8 @@ def _tolerated_backbone_keys(backbone):
 
 def check_reward_state_dict_keys(model, state_dict, source=None):
     """Raise UserError naming the missing, unexpected and wrong-shaped keys (the original ignored them);
-    `source`: the checkpoint's path, named in the message.
+    `source`: the checkpoint's path, named in the message. `state_dict`: a dict or a LazyStateDict
+    (whose shapes are read without reading a tensor).
 
     Forgiven: a missing key that is a tied alias of a parameter whose other name is present
     (``named_parameters`` drops duplicates, as the original's ZeRO-3 save did), and backbone keys HF's
@@ -323,8 +439,8 @@ def check_reward_state_dict_keys(model, state_dict, source=None):
     wrong_shape = []
     for key in state_dict.keys() & expected.keys():
         want = tuple(getattr(expected[key], "ds_shape", expected[key].shape))
-        if tuple(state_dict[key].shape) != want:
-            wrong_shape.append(f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {want}")
+        if _shape_of(state_dict, key) != want:
+            wrong_shape.append(f"{key}: checkpoint {_shape_of(state_dict, key)} vs model {want}")
     if missing or unexpected or wrong_shape:
         parts = []
         if missing:

@@ -25,11 +25,14 @@ class LinearLayer_LoRA(nn.Module):
         self.bias = bias
         # Under ZeRO-3 the weight is a partition placeholder; `ds_shape` holds its full [out, in] shape.
         out_features, in_features = getattr(weight, "ds_shape", weight.shape)
-        factory = {"device": weight.device, "dtype": weight.dtype}
-        self.lora_right_weight = nn.Parameter(torch.empty(in_features, lora_dim, **factory))
-        self.lora_left_weight = nn.Parameter(torch.zeros(lora_dim, out_features, **factory))
+        # Drawn in float32, then stored in the weight's dtype: the same numbers whether the model was
+        # loaded in fp32 and cast by DeepSpeed or loaded in its half training dtype directly.
+        right = torch.empty(in_features, lora_dim, device=weight.device, dtype=torch.float32)
         # As the original: on an [in, r] tensor kaiming takes fan_in = r, so the bound is 1/sqrt(r) (not 1/sqrt(in)).
-        nn.init.kaiming_uniform_(self.lora_right_weight, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(right, a=math.sqrt(5))
+        self.lora_right_weight = nn.Parameter(right.to(weight.dtype))
+        self.lora_left_weight = nn.Parameter(torch.zeros(lora_dim, out_features, device=weight.device,
+                                                         dtype=weight.dtype))
         self.lora_scaling = lora_scaling / lora_dim
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.fused = False
