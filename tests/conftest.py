@@ -42,6 +42,24 @@ def tiny_opt_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def odd_vocab_opt_path(tiny_opt_path, tmp_path_factory):
+    """The tiny OPT with one added token and vocab_size = len(tokenizer) = 513, so the stages grow the
+    embedding to 8·⌈513/8⌉ = 520 rows (as with GPT-2's 50257)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = str(tmp_path_factory.mktemp("odd") / "opt-513")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_opt_path)
+    tokenizer.add_tokens(["<extra_token>"])
+    config = AutoConfig.from_pretrained(tiny_opt_path)
+    config.vocab_size = len(tokenizer)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_path(tmp_path_factory):
     """A tiny Llama-family checkpoint directory (config, random weights, SentencePiece tokenizer)."""
     from utils.model.tiny_models import build_tiny_checkpoint

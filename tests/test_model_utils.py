@@ -191,20 +191,11 @@ def test_reward_model_loads_lazily_in_the_engine_dtype(checkpoint, precision, re
 
 
 def test_a_resize_keeps_the_checkpoint_rows_exactly_and_added_rows_within_a_bf16_step(
-        tiny_opt_path, tmp_path):
+        odd_vocab_opt_path):
     """The rows a resize adds (8·⌈513/8⌉ = 520) are initialised from the mean of the rows it has:
     from the bf16 rows now, from the fp32 rows before, so they may differ by one bf16 step of
     that mean (about 1e-5 here); every row of the checkpoint is the old path's exactly."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    path = str(tmp_path / "opt-513")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_opt_path)
-    tokenizer.add_tokens(["<extra_token>"])
-    config = AutoConfig.from_pretrained(tiny_opt_path)
-    config.vocab_size = len(tokenizer)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    path = odd_vocab_opt_path
     tokenizer = load_hf_tokenizer(path)
     torch.manual_seed(5)
     new = create_hf_model(AutoModelForCausalLM, path, tokenizer,

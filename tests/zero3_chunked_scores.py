@@ -51,7 +51,10 @@ def engine(path, config, train):
                                                           ROWS))[0]
 
 
-def main():
+def start_worker():
+    """The 2-rank workers' start: --model DIR --out FILE (--local_rank from the launcher), the
+    process group, the model's tokenizer and its config without dropout.
+    Returns (opts, device, rank, tokenizer, config)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", required=True)
@@ -61,6 +64,11 @@ def main():
     tokenizer = load_hf_tokenizer(opts.model)
     config = AutoConfig.from_pretrained(opts.model)
     disable_dropout_in_config(config)
+    return opts, device, rank, tokenizer, config
+
+
+def main():
+    opts, device, rank, tokenizer, config = start_worker()
     generator = torch.Generator().manual_seed(100 + rank)
     answer = 6 + 5 * rank                       # rank 0: 7 positions, rank 1: 12
     seq = torch.randint(3, config.vocab_size, (ROWS, PROMPT + answer), generator=generator)

@@ -16,7 +16,6 @@ must be the control's. Each rank writes <out>/rank_<r>.json.
 
     deepspeed --num_gpus 2 tests/zero3_generation_run.py --model DIR --out DIR
 """
-import argparse
 import json
 import os
 import sys
@@ -28,16 +27,15 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "step3_rlhf_finetuning")]
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 from algorithms import ALGORITHMS, AlgorithmSettings  # noqa: E402
 from benchmarks.zero3_generation import GatherCounter  # noqa: E402
 from trainer import PolicyTrainer, RolloutSettings  # noqa: E402
 from utils import zero3_generation  # noqa: E402
 from utils.ds_utils import get_train_ds_config  # noqa: E402
-from utils.model.model_utils import (disable_dropout_in_config, load_hf_tokenizer,  # noqa: E402
-                                     unwrap)
-from utils.utils import init_distributed  # noqa: E402
+from utils.model.model_utils import unwrap  # noqa: E402
+from zero3_chunked_scores import start_worker  # noqa: E402
 
 ROWS, PROMPT = 3, 6
 MODES = ("per_layer", "gather_once", "fallback", "control")
@@ -91,15 +89,7 @@ def rollout(trainer, prompts, mask, rank):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--local_rank", type=int, default=-1)
-    opts = parser.parse_args()
-    device, rank, _ = init_distributed(opts.local_rank)
-    tokenizer = load_hf_tokenizer(opts.model)
-    config = AutoConfig.from_pretrained(opts.model)
-    disable_dropout_in_config(config)
+    opts, device, rank, tokenizer, config = start_worker()
     generator = torch.Generator().manual_seed(7 + rank)
     prompts = torch.randint(4, config.vocab_size, (ROWS, PROMPT), generator=generator)
     mask = torch.ones_like(prompts)
