@@ -9,6 +9,7 @@ import os
 
 import torch
 
+from utils.atomic import open_atomic
 from utils.training import evaluate_perplexity
 from utils.utils import all_reduce_sum, get_rank
 
@@ -67,6 +68,5 @@ def append_answers(path, records):
     next_id = existing[-1]["id"] + 1 if existing else 0
     for offset, record in enumerate(records):
         existing.append({"id": next_id + offset, **record})
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    with open_atomic(path) as f:
         json.dump(existing, f, indent=2, ensure_ascii=False)
-    os.replace(path + ".tmp", path)

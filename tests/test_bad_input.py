@@ -19,7 +19,8 @@ import torch
 
 import stage_runner
 from utils import arguments
-from utils.data.data_utils import create_prompt_dataset, split_indices
+from utils.data.data_utils import create_prompt_dataset
+from utils.data.splits import split_indices
 from utils.data.raw_datasets import check_dataset_path
 from utils.errors import EXIT_CODE, UserError, run_main
 from utils.model import model_utils

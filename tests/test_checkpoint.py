@@ -366,3 +366,26 @@ def test_resume_position_with_another_global_batch():
     with pytest.raises(ckpt.ResumeError, match="--seed 4 differs"):
         supervised_state(argparse.Namespace(per_device_train_batch_size=8, seed=4,
                                             num_train_epochs=2), range(12), 1, plan)
+
+
+def test_atomic_writes_leave_the_old_file_on_an_error_and_no_temp_file(tmp_path):
+    """utils/atomic.py, the one home of replace-by-rename: a failing writer leaves the target as
+    it was and removes its temp file; a finished one replaces it."""
+    from utils.atomic import open_atomic, replaced_atomically, write_json_atomic
+
+    path = str(tmp_path / "f.json")
+    write_json_atomic(path, {"a": 1})
+    with pytest.raises(RuntimeError):
+        with open_atomic(path) as f:
+            f.write("half")
+            raise RuntimeError("disk full")
+    with open(path) as f:
+        assert json.load(f) == {"a": 1}
+    with pytest.raises(OSError):
+        with replaced_atomically(path) as tmp:
+            open(tmp, "w").close()
+            raise OSError("no space left on device")
+    assert sorted(os.listdir(tmp_path)) == ["f.json"]
+    with open_atomic(path) as f:
+        f.write("whole")
+    assert open(path).read() == "whole" and sorted(os.listdir(tmp_path)) == ["f.json"]

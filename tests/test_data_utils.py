@@ -11,10 +11,10 @@ from transformers import AutoTokenizer
 from utils.errors import UserError
 from utils.data import data_utils
 from utils.data.data_utils import (IGNORE_INDEX, DataCollatorReward, DataCollatorRLHF, MiniDataset,
-                                   PromptDataset, create_dataset, create_prompt_dataset, get_shuffle_idx,
+                                   PromptDataset, create_dataset, create_prompt_dataset,
                                    get_unsupervised_data, load_cache, prompt_dataset_cache_key,
-                                   sft_labels, split_boundaries, split_indices, tokenize_phase1,
-                                   tokenize_phase2, tokenize_phase3)
+                                   sft_labels, tokenize_phase1, tokenize_phase2, tokenize_phase3)
+from utils.data.splits import get_shuffle_idx, split_boundaries, split_indices
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ import pytest
 
 from utils.errors import UserError
 from utils.data import raw_datasets
-from utils.data.data_utils import split_indices
+from utils.data.splits import split_indices
 from utils.data.raw_datasets import get_raw_dataset
 
 

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from utils.atomic import (fsync_dir, fsync_file, fsync_tree,  # noqa: F401 (callers import them here)
+                          write_json_atomic, write_text_atomic)
 from utils.errors import UserError
 from utils.utils import all_reduce_sum, barrier, get_rank, get_world_size, print_rank_0
 
@@ -107,7 +109,7 @@ def check_checkpoint_args(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Files: atomic writes and fsync
+# Files: the layout (atomic writes and fsync: utils/atomic.py)
 # ----------------------------------------------------------------------------------------------
 
 def checkpoint_root(output_dir):
@@ -116,48 +118,6 @@ def checkpoint_root(output_dir):
 
 def checkpoint_name(step):
     return f"step_{step}"
-
-
-def fsync_file(path):
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(path):
-    """fsync every file and directory under `path` (bottom-up), then `path` itself."""
-    for root, dirs, files in os.walk(path, topdown=False):
-        for name in files:
-            fsync_file(os.path.join(root, name))
-        fsync_dir(root)
-
-
-def write_json_atomic(path, obj):
-    """Write to `<path>.tmp`, fsync, rename over `path`, fsync the directory."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def write_text_atomic(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def read_json(path):

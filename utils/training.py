@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 
+from utils.atomic import open_atomic
 from utils.checkpoint import (Checkpointer, ResumeError, load_training_checkpoint,
                               mark_run_complete, prepare_output_dir, restore_rng,
                               universal_ds_config)
@@ -251,9 +252,8 @@ def _truncate_lines(path, keep):
         print_rank_0(f"[resume] warning: {path} holds {len(lines)} records, the checkpoint "
                      f"counted {keep}")
     if len(lines) != keep:
-        with open(path + ".tmp", "w") as f:
+        with open_atomic(path) as f:
             f.writelines(lines[:keep])
-        os.replace(path + ".tmp", path)
     return min(len(lines), keep)
 
 

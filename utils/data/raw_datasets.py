@@ -23,6 +23,7 @@ import re
 
 import datasets
 
+from utils.data.splits import split_indices
 from utils.errors import UserError
 
 _SPLIT_NAMES = ("train", "test", "validation", "dev", "eval")
@@ -227,8 +228,7 @@ class PromptRawDataset:
         return self.raw_datasets[name]
 
     def _train_eval_ids(self, part):
-        # Late import: data_utils imports this module. Same index machinery as the phase split.
-        from utils.data.data_utils import split_indices
+        # The same index machinery as the phase split.
         return split_indices("9,1", part, len(self._split("train")), self.seed)
 
     def split_rows(self, which):

@@ -267,10 +267,11 @@ def write_safetensors_atomic(state_dict, path, metadata=None):
     """Write to a temp file in the same directory, then rename: a crash never leaves half a file."""
     from safetensors.torch import save_file
 
-    tmp = path + ".tmp"
+    from utils.atomic import replaced_atomically
+
     tensors = {k: v.contiguous() for k, v in state_dict.items()}
-    save_file(tensors, tmp, metadata=metadata or {"format": "pt"})
-    os.replace(tmp, path)
+    with replaced_atomically(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata or {"format": "pt"})
 
 
 def verify_safetensors(path, state_dict):
