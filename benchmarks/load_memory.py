@@ -122,7 +122,8 @@ def checkpoint_mib(directory):
 # ----------------------------------------------------------------------------- the worker (one rank)
 
 def read_status():
-    """Fields of /proc/self/status in MiB."""
+    """Fields of /proc/self/status in MiB. (Its own reader, not utils/perf.py's: the worker runs
+    the "before" code's utils/, which must not need anything newer.)"""
     fields = {}
     with open("/proc/self/status") as f:
         for line in f:

@@ -14,6 +14,7 @@ from utils.atomic import open_atomic
 from utils.checkpoint import (Checkpointer, ResumeError, load_training_checkpoint,
                               mark_run_complete, prepare_output_dir, restore_rng,
                               universal_ds_config)
+from utils.model.model_utils import full_numel
 from utils.nonfinite import NonFiniteUpdates, settle_update
 from utils.preflight import start_checked
 from utils.utils import (all_reduce_sum, barrier, get_rank, print_rank_0,
@@ -147,9 +148,7 @@ def init_train_engine(model, args, ds_config, learning_rate, weight_decay, lora_
     optimizer = create_optimizer(groups, learning_rate, offload)
     scheduler = create_lr_scheduler(optimizer, lr_scheduler_type, num_warmup_steps, total_steps)
     log_precision_once(ds_config)
-    # ds_numel: a ZeRO-3 partitioned parameter's full size (its numel is 0), so this is the whole
-    # model's count on every rank, not one rank's share.
-    trainable = sum(getattr(p, "ds_numel", p.numel()) for g in groups for p in g["params"])
+    trainable = full_numel(p for g in groups for p in g["params"])
     print_rank_0(f"[optimizer] {type(optimizer).__name__}, lr {learning_rate}, "
                  f"{trainable / 1e6:.2f}M trainable parameters (the whole model's, not one "
                  f"ZeRO-3 rank's share), {total_steps} steps, "

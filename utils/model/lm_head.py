@@ -8,15 +8,18 @@ importance ratios are mostly rounding. `float32_lm_head` makes the head compute
 weights as before). The module is still called as a module, so ZeRO-3's hooks gather and release
 its weight around each call; with the chunked scoring only one chunk's fp32 logits exist at once.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 
 
-def _float32_forward(head):
-    def forward(hidden):
-        bias = head.bias.float() if head.bias is not None else None
-        return F.linear(hidden.float(), head.weight.float(), bias)
-    return forward
+def float32_linear(linear, hidden):
+    """`linear(hidden)` (an nn.Linear) computed in float32: input, weight and bias upcast, so no
+    product is rounded to a half dtype; gradients reach the half weights through the upcasts.
+    Also the reward model's value head (reward_model.Float32Head)."""
+    bias = None if linear.bias is None else linear.bias.float()
+    return F.linear(hidden.float(), linear.weight.float(), bias)
 
 
 def float32_lm_head(module):
@@ -29,5 +32,5 @@ def float32_lm_head(module):
     if head.weight.dtype == torch.float32:
         return "LM head already float32"
     if "forward" not in head.__dict__:
-        head.forward = _float32_forward(head)
+        head.forward = functools.partial(float32_linear, head)
     return f"LM head computes float32 logits from {head.weight.dtype} weights"

@@ -319,9 +319,15 @@ def write_pretrained_dir(save_dir, config, state, tokenizer, generation_config=N
         os.remove(stale)
 
 
+def full_numel(params):
+    """Elements of `params`, ZeRO-3 aware: a partitioned parameter's numel is 0 and its full size
+    is in ds_numel, so this is the whole model's count on every rank, not one rank's share."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in params)
+
+
 def count_parameters(model):
-    """Parameter count, ZeRO-3 aware (partitioned params report their full size in ds_numel)."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in unwrap(model).parameters())
+    """Parameter count of a model or engine (`full_numel` of its parameters)."""
+    return full_numel(unwrap(model).parameters())
 
 
 

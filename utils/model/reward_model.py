@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from utils.errors import UserError
+from utils.model.lm_head import float32_linear
 
 BACKBONE_PREFIX = "rwtranrsformer."  # the original's typo; checkpoint keys depend on it
 VALUE_HEAD_KEY = "v_head.weight"
@@ -89,8 +90,7 @@ class Float32Head(nn.Linear):
     here instead, at use. It stays a module called as one, so ZeRO-3's hooks gather its weight."""
 
     def forward(self, hidden):
-        bias = None if self.bias is None else self.bias.float()
-        return F.linear(hidden.float(), self.weight.float(), bias)
+        return float32_linear(self, hidden)
 
 
 class RewardModel(nn.Module):
